@@ -1,0 +1,29 @@
+"""ds_pipe_ext: better partitioning, pluggable schedules and a view into DeepSpeed's pipeline engine.
+
+The heavy pieces (they import DeepSpeed) load on first use, so ``ds-pipe --help`` stays quick.
+"""
+
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+#: DeepSpeed releases this package is tested against (the engine hook uses 0.19-series internals).
+SUPPORTED_DEEPSPEED = ">=0.19.8,<0.20"
+
+_LAZY = {
+    "PipelineModule": "ds_pipe_ext.module",
+    "initialize": "ds_pipe_ext.engine",
+    "SchedulePipelineEngine": "ds_pipe_ext.engine",
+    "get_schedule": "ds_pipe_ext.schedules",
+    "register_schedule": "ds_pipe_ext.schedules",
+    "register_partition_method": "ds_pipe_ext.partition",
+    "make_topology": "ds_pipe_ext.topology",
+}
+
+__all__ = ["SUPPORTED_DEEPSPEED", "__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'ds_pipe_ext' has no attribute {name!r}")

@@ -1,0 +1,3 @@
+from ds_pipe_ext.cli import main
+
+raise SystemExit(main())
