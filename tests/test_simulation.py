@@ -1,0 +1,317 @@
+"""The validator accepts every real schedule and rejects broken ones; the simulator's timing matches pipeline theory."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+from deepspeed.runtime.pipe.schedule import (
+    BackwardPass,
+    CommitP2P,
+    ForwardPass,
+    LoadMicroBatch,
+    OptimizerStep,
+    PipeInstruction,
+    PipeSchedule,
+    RecvActivation,
+    RecvGrad,
+    ReduceGrads,
+    ReduceTiedGrads,
+    SendActivation,
+    SendGrad,
+    TrainSchedule,
+)
+
+from ds_pipe_ext.schedules import GPipeSchedule, available_schedules
+from ds_pipe_ext.simulation import ScheduleError, ideal_bubble_fraction, simulate, validate
+
+SCHEDULES = [*available_schedules(), TrainSchedule]
+
+GRID = [(stages, micro_batches) for stages in range(1, 7) for micro_batches in range(1, 13)]
+END = [ReduceTiedGrads(), ReduceGrads(), OptimizerStep()]
+
+
+def name_of(schedule: str | type[PipeSchedule]) -> str:
+    return schedule if isinstance(schedule, str) else schedule.__name__
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES, ids=name_of)
+def test_every_schedule_is_valid_over_the_grid(schedule):
+    for stages, micro_batches in GRID:
+        validate(schedule, stages, micro_batches)
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", TrainSchedule], ids=name_of)
+@pytest.mark.parametrize("forward, backward", [(1.0, 2.0), (1.5, 1.5)])
+def test_uniform_costs_give_the_textbook_bubble_and_makespan(schedule, forward, backward):
+    for stages, micro_batches in GRID:
+        result = simulate(schedule, stages, micro_batches, {"forward": forward, "backward": backward})
+        assert result.bubble_fraction == pytest.approx(ideal_bubble_fraction(stages, micro_batches), abs=1e-9)
+        assert result.makespan == pytest.approx((micro_batches + stages - 1) * (forward + backward))
+
+
+def test_peak_buffers_1f1b_holds_k_minus_s_gpipe_holds_m():
+    for stages, micro_batches in GRID:
+        one_f_one_b = simulate("1f1b", stages, micro_batches).peak_buffers
+        assert one_f_one_b == [min(stages - stage, micro_batches) for stage in range(stages)]
+        assert simulate("gpipe", stages, micro_batches).peak_buffers == [micro_batches] * stages
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_one_micro_batch_walks_down_and_back_up(schedule):
+    forward, backward, send = [1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [0.5, 0.25, 7.0]
+    result = simulate(schedule, 3, 1, {"forward": forward, "backward": backward, "send": send})
+    activations_sent, gradients_sent = sum(send[:-1]), sum(send[1:])  # a transfer costs what its sender's is
+    assert result.makespan == pytest.approx(sum(forward) + sum(backward) + activations_sent + gradients_sent)
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_timeline_respects_costs_and_dependencies(schedule):
+    stages, micro_batches = 4, 6
+    costs = {"forward": [1.0, 3.0, 1.0, 2.0], "backward": [2.0, 1.0, 4.0, 2.0], "send": [0.5, 0.25, 1.0, 0.0]}
+    result = simulate(schedule, stages, micro_batches, costs)
+    by_stage = [[e for e in result.timeline if e.stage == stage] for stage in range(stages)]
+    for stage, events in enumerate(by_stage):
+        assert all(later.start >= earlier.end for earlier, later in zip(events, events[1:]))
+        for name, key in (("ForwardPass", "forward"), ("BackwardPass", "backward")):
+            work = [e for e in events if e.name == name]
+            assert sorted(e.micro_batch for e in work) == list(range(micro_batches))
+            assert all(e.end - e.start == costs[key][stage] for e in work)
+
+    def compute(name, stage, micro_batch):
+        return next(e for e in by_stage[stage] if e.name == name and e.micro_batch == micro_batch)
+
+    for micro_batch in range(micro_batches):
+        for stage in range(1, stages):
+            arrival = compute("ForwardPass", stage - 1, micro_batch).end + costs["send"][stage - 1]
+            assert compute("ForwardPass", stage, micro_batch).start >= arrival
+            arrival = compute("BackwardPass", stage, micro_batch).end + costs["send"][stage]
+            assert compute("BackwardPass", stage - 1, micro_batch).start >= arrival
+    slowest = max(micro_batches * (f + b) for f, b in zip(costs["forward"], costs["backward"]))
+    assert result.makespan >= slowest
+    assert ideal_bubble_fraction(stages, micro_batches) < result.bubble_fraction < 1
+
+
+def test_sends_and_receives_happen_together():
+    result = simulate("1f1b", 3, 4, {"send": [0.5, 0.25, 0.0]})
+    pairs = {"SendActivation": ("RecvActivation", +1), "SendGrad": ("RecvGrad", -1)}
+    for send in (e for e in result.timeline if e.name in pairs):
+        name, peer = pairs[send.name]
+        assert any(
+            e.name == name
+            and e.stage == send.stage + peer
+            and (e.start, e.end, e.micro_batch) == (send.start, send.end, send.micro_batch)
+            for e in result.timeline
+        )
+        assert send.end - send.start == [0.5, 0.25, 0.0][send.stage]
+
+
+def scripted(program: Callable[[int], list[list[PipeInstruction]]], buffers: int) -> type[PipeSchedule]:
+    """A schedule whose steps on stage s are ``program(s)``."""
+
+    class Scripted(PipeSchedule):
+        def steps(self):
+            yield from program(self.stage_id)
+
+        def num_pipe_buffers(self):
+            return buffers
+
+    return Scripted
+
+
+def forward_then_backward(micro_batches: int, skip_backward: int = -1) -> list[list[PipeInstruction]]:
+    """One stage alone, one buffer per micro-batch."""
+    steps = [[LoadMicroBatch(m), ForwardPass(m)] for m in range(micro_batches)]
+    return steps + [[BackwardPass(m)] for m in range(micro_batches) if m != skip_backward]
+
+
+class TooFewBuffers(GPipeSchedule):
+    def num_pipe_buffers(self):
+        return self.micro_batches - 1
+
+
+TWO_STAGE_FORWARDS = [[LoadMicroBatch(0), ForwardPass(0), SendActivation(0)], [LoadMicroBatch(1), ForwardPass(1)]]
+
+BROKEN = [
+    pytest.param(
+        scripted(lambda s: forward_then_backward(2, skip_backward=1) + [END], buffers=2),
+        1,
+        2,
+        r"stage 0, step 3, ReduceTiedGrads\(\): comes before the backward_input of micro-batch 1 \(BackwardPass\)",
+        id="missing backward",
+    ),
+    pytest.param(
+        scripted(lambda s: forward_then_backward(3, skip_backward=0), buffers=3),
+        1,
+        3,
+        r"stage 0: the schedule never does the backward_input of micro-batch 0",
+        id="missing backward, no end of batch",
+    ),
+    pytest.param(
+        scripted(
+            lambda s: (
+                [
+                    [LoadMicroBatch(0), ForwardPass(0), SendActivation(0)],
+                    [RecvGrad(0), BackwardPass(0)],
+                    [LoadMicroBatch(1), ForwardPass(1), SendActivation(1)],
+                    [RecvGrad(1), BackwardPass(1), *END],
+                ]
+                if s == 0
+                else [
+                    [RecvActivation(0), LoadMicroBatch(0), ForwardPass(0)],
+                    [RecvActivation(1), LoadMicroBatch(1), ForwardPass(1)],
+                    [BackwardPass(0), SendGrad(0)],
+                    [BackwardPass(1), SendGrad(1), *END],
+                ]
+            ),
+            buffers=2,
+        ),
+        2,
+        2,
+        r"deadlock under blocking send/receive: stage 0, step 1, RecvGrad\(buffer_id=0\) waits for stage 1; "
+        r"stage 1, step 1, RecvActivation\(buffer_id=1\) waits for stage 0",
+        id="deadlock",
+    ),
+    pytest.param(
+        scripted(lambda s: [[LoadMicroBatch(0), ForwardPass(0)], [LoadMicroBatch(0), ForwardPass(0)]], buffers=1),
+        1,
+        2,
+        r"step 1, ForwardPass\(buffer_id=0\): overwrites buffer 0's activation of micro-batch 0, "
+        r"still needed for its backward_input, backward_weight",
+        id="activation overwritten while needed",
+    ),
+    pytest.param(
+        scripted(
+            lambda s: (
+                [
+                    [LoadMicroBatch(0), ForwardPass(0), SendActivation(0)],
+                    [LoadMicroBatch(1), ForwardPass(1), SendActivation(1)],
+                ]
+                if s == 0
+                else [[RecvActivation(0), LoadMicroBatch(0), ForwardPass(0), BackwardPass(0)], [RecvActivation(0)]]
+            ),
+            buffers=2,
+        ),
+        2,
+        2,
+        r"stage 1, step 1, RecvActivation\(buffer_id=0\): overwrites buffer 0's received activation of "
+        r"micro-batch 0, still needed for its send_grad",
+        id="received activation overwritten while needed",
+    ),
+    pytest.param(
+        TooFewBuffers,
+        2,
+        3,
+        r"stage 0, step 2, LoadMicroBatch\(buffer_id=2\): buffer_id 2 is out of range: num_pipe_buffers\(\) is 2",
+        id="buffer id out of range",
+    ),
+    pytest.param(
+        scripted(
+            lambda s: [*forward_then_backward(2, skip_backward=1), [OptimizerStep()], [BackwardPass(1)]], buffers=2
+        ),
+        1,
+        2,
+        r"stage 0, step 3, OptimizerStep\(\): comes before the backward_input of micro-batch 1",
+        id="optimizer step before the last backward",
+    ),
+    pytest.param(
+        scripted(lambda s: [*forward_then_backward(2, skip_backward=1), END, [BackwardPass(1)]], buffers=2),
+        1,
+        2,
+        r"ReduceTiedGrads\(\): comes before",
+        id="compute after the optimizer step",
+    ),
+    pytest.param(
+        scripted(lambda s: forward_then_backward(2), buffers=2),
+        1,
+        2,
+        r"stage 0: a batch must end with ReduceTiedGrads, ReduceGrads, OptimizerStep .*none of them",
+        id="no end of batch",
+    ),
+    pytest.param(
+        scripted(lambda s: [TWO_STAGE_FORWARDS[0], [BackwardPass(0)]] if s == 0 else [[RecvActivation(0)]], buffers=1),
+        2,
+        1,
+        r"stage 0, step 1, BackwardPass\(buffer_id=0\): buffer 0 holds no received gradient",
+        id="backward before its gradient arrived",
+    ),
+    pytest.param(
+        scripted(lambda s: [[LoadMicroBatch(0), BackwardPass(0)]], buffers=1),
+        1,
+        1,
+        r"BackwardPass\(buffer_id=0\): buffer 0 holds no activation",
+        id="backward before forward",
+    ),
+    pytest.param(
+        scripted(
+            lambda s: (
+                [
+                    [LoadMicroBatch(0), ForwardPass(0), SendActivation(0)],
+                    [LoadMicroBatch(1), ForwardPass(1), SendActivation(1)],
+                    [RecvGrad(1), BackwardPass(1)],
+                    [RecvGrad(0), BackwardPass(0), *END],
+                ]
+                if s == 0
+                else [
+                    [RecvActivation(0), LoadMicroBatch(0), ForwardPass(0)],
+                    [RecvActivation(1), LoadMicroBatch(1), ForwardPass(1)],
+                    [BackwardPass(0), SendGrad(0)],
+                    [BackwardPass(1), SendGrad(1), *END],
+                ]
+            ),
+            buffers=2,
+        ),
+        2,
+        2,
+        r"stage 0, step 2, RecvGrad\(buffer_id=1\): receives micro-batch 0's grad into buffer 1, "
+        r"which holds the activation of micro-batch 1",
+        id="gradient routed to the wrong buffer",
+    ),
+    pytest.param(
+        scripted(lambda s: [[LoadMicroBatch(0), ForwardPass(0), SendActivation(0)]], buffers=1),
+        1,
+        1,
+        r"SendActivation\(buffer_id=0\): stage 0 has no next stage",
+        id="send from the last stage",
+    ),
+    pytest.param(
+        scripted(lambda s: [[LoadMicroBatch(0)]], buffers=1),
+        3,
+        1,
+        r"stage 1, step 0, LoadMicroBatch\(buffer_id=0\): stage 1 has no loaded micro-batch buffer",
+        id="load on a middle stage",
+    ),
+    pytest.param(
+        scripted(lambda s: [[LoadMicroBatch(0)], [LoadMicroBatch(0)]], buffers=1),
+        1,
+        1,
+        r"loads more than the 1 micro-batches",
+        id="too many loads",
+    ),
+    pytest.param(
+        scripted(lambda s: [[CommitP2P()]], buffers=1),
+        1,
+        1,
+        r"CommitP2P\(\): unknown instruction; describe CommitP2P in INSTRUCTION_SPECS",
+        id="unknown instruction",
+    ),
+]
+
+
+@pytest.mark.parametrize("schedule, stages, micro_batches, message", BROKEN)
+def test_broken_schedules_are_rejected_with_the_reason(schedule, stages, micro_batches, message):
+    with pytest.raises(ScheduleError, match=message):
+        validate(schedule, stages, micro_batches)
+
+
+def test_bad_arguments_are_refused_with_the_fix():
+    with pytest.raises(TypeError, match="registered schedule name or a PipeSchedule subclass"):
+        validate(object, 2, 2)
+    with pytest.raises(ValueError, match="at least one stage and one micro-batch"):
+        validate("1f1b", 0, 2)
+    with pytest.raises(ValueError, match="unknown cost 'recompute'; known costs: forward, backward, send"):
+        simulate("1f1b", 2, 2, {"recompute": 1.0})
+    with pytest.raises(ValueError, match="cost 'forward' has 3 values; give one number or one per stage \\(2\\)"):
+        simulate("1f1b", 2, 2, {"forward": [1, 2, 3]})
+    with pytest.raises(ValueError, match="negative"):
+        simulate("1f1b", 2, 2, {"send": -1})
