@@ -1,0 +1,189 @@
+"""The engine hook: run any registered ``PipeSchedule`` through DeepSpeed's own ``train_batch``.
+
+DeepSpeed's ``PipelineEngine`` hard-wires 1F1B in two ways: ``_train_schedule`` returns ``TrainSchedule``,
+and the engine keeps a single ``self.loss`` on the last stage and a single received gradient
+(``self.grad_layer``), so a schedule that runs several forwards before their backwards (GPipe) would
+backpropagate the wrong micro-batch (DeepSpeed issue 3900). ``SchedulePipelineEngine`` overrides the
+``_train_schedule`` hook and keeps the loss and the received gradient per pipeline buffer, as DeepSpeed's
+own ``DualPipeVEngine`` does. Everything else (communication, reduction, optimizer step) is DeepSpeed's.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from deepspeed import comm as dist
+from deepspeed.runtime.pipe import schedule as ds_schedule
+from deepspeed.runtime.pipe.engine import PipelineEngine
+
+from .config import DEEPSPEED_BUILTIN, load_config, schedule_name
+from .schedules import get_schedule
+
+
+class SchedulePipelineEngine(PipelineEngine):
+    """A ``PipelineEngine`` that trains with ``schedule_cls`` and keeps losses and gradients per buffer.
+
+    Args:
+        schedule_cls: the ``PipeSchedule`` subclass ``train_batch`` runs.
+        tracer: optional :class:`~ds_pipe_ext.trace.InstructionTracer`, called around every instruction of
+            ``train_batch``. ``None`` leaves DeepSpeed's instruction loop untouched, so tracing off costs nothing.
+    """
+
+    def __init__(self, *args: Any, schedule_cls: type[ds_schedule.PipeSchedule], tracer: Any = None, **kwargs: Any):
+        self.schedule_cls = schedule_cls
+        self.tracer = tracer
+        super().__init__(*args, **kwargs)
+        self.pipe_buffers["losses"] = [None] * self.num_pipe_buffers
+        self.pipe_buffers["grads"] = [None] * self.num_pipe_buffers
+
+    def _train_schedule(self) -> ds_schedule.PipeSchedule:
+        return self.schedule_cls(micro_batches=self.micro_batches, stages=self.num_stages, stage_id=self.stage_id)
+
+    def _exec_forward_pass(self, buffer_id: int) -> None:
+        super()._exec_forward_pass(buffer_id)
+        if self.is_last_stage() and torch.is_grad_enabled():
+            self.pipe_buffers["losses"][buffer_id] = self.loss
+
+    def _exec_recv_grads(self, buffer_id: int) -> None:
+        super()._exec_recv_grads(buffer_id)
+        # DeepSpeed receives into one reused tensor; keep this buffer's gradient until its backward.
+        grad = self.grad_layer
+        self.pipe_buffers["grads"][buffer_id] = grad.clone() if torch.is_tensor(grad) else [g.clone() for g in grad]
+
+    def _exec_backward_pass(self, buffer_id: int) -> None:
+        if self.is_last_stage():
+            self.loss = self.pipe_buffers["losses"][buffer_id]
+            self.pipe_buffers["losses"][buffer_id] = None
+        else:
+            self.grad_layer = self.pipe_buffers["grads"][buffer_id]
+            self.pipe_buffers["grads"][buffer_id] = None
+        super()._exec_backward_pass(buffer_id)
+
+    def _exec_schedule(self, pipe_schedule: ds_schedule.PipeSchedule) -> None:
+        if self.tracer is None:
+            return super()._exec_schedule(pipe_schedule)
+        self._reserve_pipe_buffers(pipe_schedule.num_pipe_buffers())
+        self.fwd_outputs = []
+        for step_cmds in pipe_schedule:
+            for cmd in step_cmds:
+                handler = self._INSTRUCTION_MAP.get(type(cmd))
+                if handler is None:
+                    raise RuntimeError(f"{self.__class__.__name__} does not understand instruction {cmd!r}")
+                self.tracer.synchronize()
+                start = time.perf_counter()
+                handler(self, **cmd.kwargs)
+                self.tracer.synchronize()
+                self.tracer.record(cmd, start, time.perf_counter())
+
+    def save_trace(self) -> Any:
+        """Write the trace of every rank into one Chrome trace file (a collective); its path on global rank 0."""
+        if self.tracer is None:
+            raise RuntimeError("this engine is not tracing: pass trace_dir= to ds_pipe_ext.initialize")
+        return self.tracer.save()
+
+    _INSTRUCTION_MAP = {
+        **PipelineEngine._INSTRUCTION_MAP,
+        ds_schedule.ForwardPass: _exec_forward_pass,
+        ds_schedule.BackwardPass: _exec_backward_pass,
+        ds_schedule.RecvGrad: _exec_recv_grads,
+    }
+
+
+def initialize(
+    args: Any = None,
+    model: torch.nn.Module | None = None,
+    optimizer: Any = None,
+    model_parameters: Any = None,
+    training_data: Any = None,
+    lr_scheduler: Any = None,
+    distributed_port: int | None = None,
+    mpu: Any = None,
+    dist_init_required: bool | None = None,
+    collate_fn: Any = None,
+    config: Any = None,
+    mesh_param: Any = None,
+    config_params: Any = None,
+    *,
+    schedule: str | None = None,
+    trace_dir: str | None = None,
+) -> tuple[Any, Any, Any, Any]:
+    """``deepspeed.initialize`` with a choice of pipeline schedule.
+
+    Same arguments and return values as ``deepspeed.initialize``. For a ``PipelineModule`` the engine is a
+    :class:`SchedulePipelineEngine` running ``schedule`` (a registered name), or the config's
+    ``"pipeline": {"schedule": ...}``, default ``"1f1b"``; ``"deepspeed"`` returns DeepSpeed's own engine
+    untouched. With ``trace_dir``, every instruction is timed and ``engine.save_trace()`` writes
+    ``trace_dir/trace.json``. Anything else is passed to ``deepspeed.initialize`` unchanged.
+    """
+    import deepspeed
+    from deepspeed.constants import TORCH_DISTRIBUTED_DEFAULT_PORT
+    from deepspeed.pipe import PipelineModule
+
+    ds_kwargs = dict(
+        args=args,
+        model=model,
+        optimizer=optimizer,
+        model_parameters=model_parameters,
+        training_data=training_data,
+        lr_scheduler=lr_scheduler,
+        distributed_port=distributed_port or TORCH_DISTRIBUTED_DEFAULT_PORT,
+        mpu=mpu,
+        dist_init_required=dist_init_required,
+        collate_fn=collate_fn,
+        config=config,
+        mesh_param=mesh_param,
+        config_params=config_params,
+    )
+    if not isinstance(model, PipelineModule):
+        return deepspeed.initialize(**ds_kwargs)
+
+    config_dict = load_config(args, config if config is not None else config_params)
+    name = schedule_name(schedule, config_dict)
+    if name == DEEPSPEED_BUILTIN:
+        if trace_dir is not None:
+            raise ValueError(
+                "tracing runs inside ds_pipe_ext's engine; use schedule '1f1b' (the same instructions as "
+                "DeepSpeed's built-in) to trace"
+            )
+        return deepspeed.initialize(**ds_kwargs)
+    if mpu is not None:
+        raise ValueError("mpu must be None with pipeline parallelism: the PipelineModule's topology defines it")
+
+    from deepspeed import set_optimizer_flags
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.runtime import zero
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    from .trace import InstructionTracer
+
+    zero.partition_parameters.shutdown_init_context()
+    dist.init_distributed(
+        dist_backend=get_accelerator().communication_backend_name(),
+        distributed_port=ds_kwargs["distributed_port"],
+        dist_init_required=dist_init_required,
+    )
+    tracer = None if trace_dir is None else InstructionTracer.for_rank(trace_dir, name, model._topo, dist.get_rank())
+    config_class = DeepSpeedConfig(config_dict, model.mpu())
+    set_optimizer_flags(config_class, model)
+    engine = SchedulePipelineEngine(
+        args=args,
+        model=model,
+        optimizer=optimizer,
+        model_parameters=model_parameters,
+        training_data=training_data,
+        lr_scheduler=lr_scheduler,
+        mpu=model.mpu(),
+        dist_init_required=dist_init_required,
+        collate_fn=collate_fn,
+        config=config_dict,
+        config_class=config_class,
+        schedule_cls=get_schedule(name),
+        tracer=tracer,
+    )
+    zero.partition_parameters.restore_init_context()
+    engine._configure_python_gc()
+    if tracer is not None:
+        tracer.align()
+    return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler
