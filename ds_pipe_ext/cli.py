@@ -108,6 +108,43 @@ def _run_schedule(args: argparse.Namespace) -> int:
 _SUBCOMMANDS.append(_add_schedule)
 
 
+def _add_trace(sub) -> None:
+    parser = sub.add_parser("trace", help="measure the bubble of a traced run and draw its timeline")
+    parser.add_argument("trace", help="the --trace DIR of a run (or its trace.json)")
+    parser.add_argument("--out", default=None, help="picture to write, .png or .svg")
+    parser.add_argument("--step", type=int, default=None, help="step to draw (default: the last)")
+    parser.add_argument("--replica", type=int, default=0, help="data-parallel replica to draw")
+    parser.set_defaults(handler=_run_trace)
+
+
+def _run_trace(args: argparse.Namespace) -> int:
+    import sys
+
+    from .draw import draw_timeline
+    from .trace import bubble_report, load_trace
+
+    try:
+        run = load_trace(args.trace)
+    except FileNotFoundError as error:
+        print(f"ds-pipe trace: error: {error}", file=sys.stderr)
+        return 2
+    print(
+        f"{run.schedule}: {run.stages} stages x {run.replicas} replicas, {run.micro_batches} micro-batches, "
+        f"{run.steps} steps traced"
+    )
+    report = bubble_report(run)
+    print(report.format())
+    if args.out:
+        step = run.steps - 1 if args.step is None else args.step
+        title = f"{run.schedule} measured, step {step}: bubble {report.measured:.3f} (theory {report.theoretical:.3f})"
+        draw_timeline(run.timeline(step, args.replica), run.stages, args.out, title=title, xlabel="seconds")
+        print(f"wrote {args.out}")
+    return 0
+
+
+_SUBCOMMANDS.append(_add_trace)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     return int(args.handler(args) or 0)

@@ -1,0 +1,237 @@
+"""Trace a real run instruction by instruction, and measure its bubble against theory and the simulator.
+
+The engine calls :meth:`InstructionTracer.record` around every instruction ``train_batch`` executes, so the
+events carry DeepSpeed's own instruction names. :meth:`InstructionTracer.save` gathers every rank's events into
+one Chrome trace (Perfetto, chrome://tracing), one row per rank named by stage and replica.
+
+Measured bubble: per step and pipeline, the span from the first instruction to the last backward, minus the
+time each stage computes (forward and backward passes), over stages x span. The gradient reduction and
+optimizer step are left out, as they are in the (K-1)/(M+K-1) formula and the simulator.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .simulation import INSTRUCTION_SPECS, TimelineEvent, ideal_bubble_fraction, simulate, stage_bubble_fractions
+
+TRACE_FILE = "trace.json"
+_STEP_END = "OptimizerStep"
+_TAIL = {"ReduceTiedGrads", "ReduceGrads", "OptimizerStep"}
+_FORWARD = "ForwardPass"
+_BUFFER_FILLS = {"LoadMicroBatch", "RecvActivation"}
+
+
+def _compute_names() -> set[str]:
+    return {cls.__name__ for cls, spec in INSTRUCTION_SPECS.items() if spec.compute}
+
+
+class InstructionTracer:
+    """Records (instruction, micro-batch, start, end) on one rank; cheap enough to leave on (see bench/)."""
+
+    def __init__(self, directory: str | Path, schedule: str, rank: int, stage: int, replica: int, synchronize=None):
+        self.directory = Path(directory)
+        self.schedule = schedule
+        self.rank, self.stage, self.replica = rank, stage, replica
+        self.synchronize = synchronize or (lambda: None)
+        self.events: list[tuple[str, int | None, int | None, int, float, float]] = []
+        self.origin = time.perf_counter()
+        self._step = 0
+        self._forwards = 0
+        self._buffer_micro_batch: dict[int, int] = {}
+
+    @classmethod
+    def for_rank(cls, directory: str | Path, schedule: str, topology: Any, rank: int) -> InstructionTracer:
+        """A tracer for ``rank`` of ``topology``, synchronising the accelerator around instructions."""
+        from deepspeed.accelerator import get_accelerator
+
+        coord = topology.get_coord(rank)
+        accelerator = get_accelerator()
+        sync = None if accelerator.device_name() == "cpu" else accelerator.synchronize
+        return cls(directory, schedule, rank, coord.pipe, getattr(coord, "data", 0), sync)
+
+    def align(self) -> None:
+        """Start the clock right after a barrier, so the ranks' timelines line up."""
+        from deepspeed import comm as dist
+
+        dist.barrier()
+        self.origin = time.perf_counter()
+
+    def record(self, instruction: Any, start: float, end: float) -> None:
+        name = type(instruction).__name__
+        buffer_id = getattr(instruction, "buffer_id", None)
+        if name in _BUFFER_FILLS:
+            micro_batch = self._forwards
+        elif name == _FORWARD:
+            micro_batch = self._forwards
+            self._buffer_micro_batch[buffer_id] = micro_batch
+            self._forwards += 1
+        else:
+            micro_batch = self._buffer_micro_batch.get(buffer_id)
+        self.events.append((name, buffer_id, micro_batch, self._step, start - self.origin, end - self.origin))
+        if name == _STEP_END:
+            self._step += 1
+            self._forwards = 0
+            self._buffer_micro_batch.clear()
+
+    def save(self) -> Path | None:
+        """Gather all ranks' events (a collective) and write ``DIRECTORY/trace.json`` on global rank 0."""
+        from deepspeed import comm as dist
+
+        mine = {"rank": self.rank, "stage": self.stage, "replica": self.replica, "events": self.events}
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, mine)
+        if dist.get_rank() != 0:
+            return None
+        path = self.directory / TRACE_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(chrome_trace(gathered, self.schedule)))
+        return path
+
+
+def chrome_trace(ranks: list[dict], schedule: str) -> dict:
+    """Chrome trace-event JSON: one thread per rank, one complete event ("X") per instruction, times in us."""
+    events = []
+    for info in ranks:
+        rank = info["rank"]
+        label = f"rank {rank}: stage {info['stage']}, replica {info['replica']}"
+        events.append({"name": "thread_name", "ph": "M", "pid": 0, "tid": rank, "args": {"name": label}})
+        events.append({"name": "thread_sort_index", "ph": "M", "pid": 0, "tid": rank, "args": {"sort_index": rank}})
+        for name, buffer_id, micro_batch, step, start, end in info["events"]:
+            args = {
+                "stage": info["stage"],
+                "replica": info["replica"],
+                "step": step,
+                "buffer_id": buffer_id,
+                "micro_batch": micro_batch,
+            }
+            events.append(
+                {
+                    "name": name,
+                    "ph": "X",
+                    "pid": 0,
+                    "tid": rank,
+                    "ts": start * 1e6,
+                    "dur": (end - start) * 1e6,
+                    "args": args,
+                }
+            )
+    return {"traceEvents": events, "displayTimeUnit": "ms", "otherData": {"schedule": schedule}}
+
+
+@dataclass(frozen=True)
+class TracedRun:
+    """A loaded trace: events per (step, replica) as simulator-style timelines, in seconds."""
+
+    schedule: str
+    stages: int
+    replicas: int
+    steps: int
+    micro_batches: int
+    timelines: dict[tuple[int, int], list[TimelineEvent]]
+
+    def timeline(self, step: int, replica: int = 0) -> list[TimelineEvent]:
+        """The pipelined part of one step on one replica (no gradient reduction or optimizer step)."""
+        return self.timelines[(step, replica)]
+
+
+def load_trace(directory: str | Path) -> TracedRun:
+    path = Path(directory)
+    path = path / TRACE_FILE if path.is_dir() else path
+    if not path.exists():
+        raise FileNotFoundError(f"no trace at {path}: run the example with --trace DIR first")
+    timelines: dict[tuple[int, int], list[TimelineEvent]] = defaultdict(list)
+    stages = replicas = steps = 0
+    trace = json.loads(path.read_text())
+    for event in trace["traceEvents"]:
+        if event["ph"] != "X":
+            continue
+        args = event["args"]
+        stages, replicas = max(stages, args["stage"] + 1), max(replicas, args["replica"] + 1)
+        steps = max(steps, args["step"] + 1)
+        if event["name"] in _TAIL:
+            continue
+        start = event["ts"] / 1e6
+        timelines[(args["step"], args["replica"])].append(
+            TimelineEvent(args["stage"], event["name"], args["micro_batch"], start, start + event["dur"] / 1e6)
+        )
+    complete = {key: sorted(events, key=lambda e: e.start) for key, events in timelines.items() if key[0] < steps}
+    forwards = [e for e in complete.get((0, 0), []) if e.name == _FORWARD and e.stage == 0]
+    return TracedRun(trace["otherData"]["schedule"], stages, replicas, steps, len(forwards), complete)
+
+
+@dataclass(frozen=True)
+class BubbleReport:
+    """Measured bubble of a traced run next to (K-1)/(M+K-1) and the simulator's prediction."""
+
+    stages: int
+    micro_batches: int
+    measured_per_stage: list[float]
+    measured: float
+    theoretical: float
+    predicted: float
+    forward_cost: list[float]
+    backward_cost: list[float]
+    send_cost: float
+
+    def format(self) -> str:
+        per_stage = ", ".join(f"stage {s}: {b:.3f}" for s, b in enumerate(self.measured_per_stage))
+        costs = ", ".join(
+            f"stage {s}: F {f * 1e3:.1f} ms B {b * 1e3:.1f} ms"
+            for s, (f, b) in enumerate(zip(self.forward_cost, self.backward_cost))
+        )
+        return (
+            f"bubble (K={self.stages}, M={self.micro_batches}): measured {self.measured:.3f} ({per_stage}); "
+            f"theory (K-1)/(M+K-1) {self.theoretical:.3f}; simulator from measured costs {self.predicted:.3f}\n"
+            f"measured costs per micro-batch: {costs}; send {self.send_cost * 1e3:.2f} ms"
+        )
+
+
+def bubble_report(run: TracedRun, skip_steps: int = 1) -> BubbleReport:
+    """Measure the bubble over every step after ``skip_steps`` warm-up steps and every replica."""
+    keys = [key for key in run.timelines if key[0] >= min(skip_steps, run.steps - 1)]
+    per_stage = [
+        statistics.fmean(column)
+        for column in zip(*(stage_bubble_fractions(run.timelines[key], run.stages) for key in keys))
+    ]
+    events = [event for key in keys for event in run.timelines[key]]
+    forward = _median_cost(run, keys, {_FORWARD})
+    backward = _median_cost(run, keys, _compute_names() - {_FORWARD})
+    sends = [e.end - e.start for e in events if e.name.startswith("Send")]
+    send = min(sends, default=0.0)
+    predicted = simulate(
+        run.schedule, run.stages, run.micro_batches, costs={"forward": forward, "backward": backward, "send": send}
+    ).bubble_fraction
+    return BubbleReport(
+        run.stages,
+        run.micro_batches,
+        per_stage,
+        statistics.fmean(per_stage),
+        ideal_bubble_fraction(run.stages, run.micro_batches),
+        predicted,
+        forward,
+        backward,
+        send,
+    )
+
+
+def _median_cost(run: TracedRun, keys: list[tuple[int, int]], names: set[str]) -> list[float]:
+    """Per stage, the median over micro-batches of the time spent in instructions named ``names``.
+
+    The median, not the mean: one descheduled instruction on a shared machine should not move the prediction.
+    """
+    per_micro_batch: dict[tuple[int, int, int, int | None], float] = defaultdict(float)
+    for step, replica in keys:
+        for event in run.timelines[(step, replica)]:
+            if event.name in names:
+                per_micro_batch[(event.stage, step, replica, event.micro_batch)] += event.end - event.start
+    return [
+        statistics.median([t for (stage, *_), t in per_micro_batch.items() if stage == s] or [0.0])
+        for s in range(run.stages)
+    ]
