@@ -145,6 +145,81 @@ def _run_trace(args: argparse.Namespace) -> int:
 _SUBCOMMANDS.append(_add_trace)
 
 
+def _add_plan(sub) -> None:
+    parser = sub.add_parser("plan", help="compare partition methods on an example model, without launching a job")
+    parser.add_argument("--model", choices=("alexnet", "vgg19"), default="alexnet")
+    parser.add_argument("--image-size", type=int, default=224, help="square input size in pixels")
+    parser.add_argument("--micro-batch", type=int, default=8, help="samples per micro-batch")
+    parser.add_argument("--stages", type=int, default=2, help="pipeline stages")
+    parser.add_argument("--micro-batches", type=int, default=8, help="micro-batches per step")
+    parser.add_argument("--schedule", default="1f1b", help="a registered schedule, or deepspeed")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=["uniform", "parameters", "type:conv", "flops", "memory", "profile"],
+        help="partition methods to compare (any registered name, e.g. manual:0,12,22 'type:conv:3|linear:1')",
+    )
+    parser.add_argument(
+        "--costs",
+        choices=("profile", "flops"),
+        default="profile",
+        help="what every method's stages are timed with: measured seconds (default) or counted FLOPs",
+    )
+    parser.add_argument("--memory-budget-mib", type=float, default=None, help="per-device budget for 'memory'")
+    parser.add_argument("--link-gbps", type=float, default=None, help="link between stages in GB/s (default: free)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per layer when measuring")
+    parser.add_argument("--details", action="store_true", help="also print each method's per-stage report")
+    parser.add_argument("--json", action="store_true", help="print each method's boundaries and stage costs as JSON")
+    parser.set_defaults(handler=_run_plan)
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    import json
+    import sys
+
+    from .models import build_layers, check_image_size, sample_batch
+    from .partition import PartitionContext, compare_partitions, format_comparison
+
+    try:
+        check_image_size(args.model, args.image_size)
+        ctx = PartitionContext(
+            layers=build_layers(args.model),
+            num_stages=args.stages,
+            sample_input=sample_batch(args.image_size, args.micro_batch),
+            micro_batches=args.micro_batches,
+            schedule=args.schedule,
+            memory_budget=None if args.memory_budget_mib is None else args.memory_budget_mib * 2**20,
+            seconds_per_byte=0.0 if args.link_gbps is None else 1 / (args.link_gbps * 1e9),
+            repeats=args.repeats,
+        )
+        reports = compare_partitions(ctx, args.methods, costs=args.costs)
+    except ValueError as error:
+        print(f"ds-pipe plan: error: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({report.method: report.to_dict() for report in reports}, indent=1))
+        return 0
+    print(
+        f"{args.model} at {args.image_size} px, micro-batch {args.micro_batch}, {args.micro_batches} micro-batches, "
+        f"{args.stages} stages, schedule {args.schedule}"
+    )
+    if args.costs == "profile":
+        print(
+            "costs: measured in this one process, layer by layer; in a real run every rank is busy at once, "
+            "so run the job with --partition profile for the split that fits it"
+        )
+    else:
+        print("costs: counted forward + backward FLOPs")
+    print(format_comparison(reports))
+    for report in reports if args.details else ():
+        print()
+        print(report.format())
+    return 0
+
+
+_SUBCOMMANDS.append(_add_plan)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     return int(args.handler(args) or 0)

@@ -1,0 +1,88 @@
+"""``ds_pipe_ext.PipelineModule``: DeepSpeed's ``PipelineModule`` that partitions with any registered method.
+
+DeepSpeed creates its process groups in ``__init__`` before it partitions, so a bad partition spec there fails
+after the first collective, and on each rank in its own way. Here the spec, the stage count and the method's
+inputs are checked first, on every rank alike, and DeepSpeed's ``_partition_layers`` hook then dispatches to the
+registry of :mod:`ds_pipe_ext.partition`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import replace
+from typing import Any
+
+import deepspeed.pipe
+from deepspeed.accelerator import get_accelerator
+from deepspeed.utils import logger
+
+from .partition import PartitionContext, SampleInput, get_partition_method, partition_report
+
+_DEEPSPEED_INIT = inspect.signature(deepspeed.pipe.PipelineModule.__init__)
+
+
+class PipelineModule(deepspeed.pipe.PipelineModule):
+    """A drop-in ``deepspeed.pipe.PipelineModule``: same arguments, and DeepSpeed's partition methods (``uniform``,
+    ``parameters``, ``type:REGEX``) give DeepSpeed's exact stages. ``partition_method`` also accepts every method
+    registered with :func:`ds_pipe_ext.register_partition_method` (``manual:0,9,22``, ``type:conv:3|linear:1``,
+    ``flops``, ``memory``, ``profile``, ...). At start-up rank 0 prints a partition report instead of DeepSpeed's
+    layer list; every rank keeps it as ``self.partition_report``.
+
+    Keyword-only arguments, for the methods that need them:
+        sample_input: the micro-batch the first stage receives (a tensor, a tuple of tensors, or a function that
+            returns one); ``flops``, ``memory`` and ``profile`` run the layers on its shapes.
+        micro_batches: micro-batches per step (gradient accumulation steps), for ``memory`` (activations in
+            flight) and ``profile`` (the optimizer step's share per micro-batch).
+        schedule: the schedule the engine will run (``ds_pipe_ext.schedules`` name, or ``"deepspeed"``), for the
+            activations in flight and the predicted step time.
+        memory_budget: bytes per device; ``memory`` then picks the fastest split that fits.
+        profile_cache: a JSON file where ``profile`` keeps its measurements, so restarts agree and skip measuring.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        sample_input: SampleInput | None = None,
+        micro_batches: int | None = None,
+        schedule: str | None = "1f1b",
+        memory_budget: float | None = None,
+        profile_cache: str | os.PathLike | None = None,
+        **kwargs: Any,
+    ):
+        bound = _DEEPSPEED_INIT.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        arguments = bound.arguments
+        arguments["layers"] = list(arguments["layers"])
+        topology = arguments["topology"]
+        num_stages = topology.get_dim("pipe") if topology is not None else arguments["num_stages"]
+        self._partition_context = PartitionContext(
+            layers=arguments["layers"],
+            num_stages=num_stages,
+            sample_input=sample_input,
+            micro_batches=micro_batches,
+            schedule=schedule or "1f1b",
+            memory_budget=memory_budget,
+            cache_path=profile_cache,
+        )
+        spec = get_partition_method(arguments["partition_method"])
+        if num_stages is not None:  # else DeepSpeed raises its own error before any collective
+            spec.check(self._partition_context)
+        super().__init__(*bound.args[1:], **bound.kwargs)
+
+    def _partition_layers(self, method: str = "uniform") -> None:
+        spec = get_partition_method(method)
+        ctx = replace(
+            self._partition_context,
+            layers=self._layer_specs,
+            num_stages=self.num_stages,
+            device=get_accelerator().device_name(self.local_rank),
+        )
+        if self.global_rank == 0:
+            logger.info(f"Partitioning pipeline stages with method {spec}")
+        self.parts = spec(ctx)
+        self.partition_report = partition_report(ctx, self.parts, method=str(spec))
+        if self.global_rank == 0:
+            print(self.partition_report.format(), flush=True)
+        stage_id = self._topo.get_coord(self.global_rank).pipe
+        self._set_bounds(start=self.parts[stage_id], stop=self.parts[stage_id + 1])
