@@ -69,6 +69,21 @@ class PipelineModule(deepspeed.pipe.PipelineModule):
         if num_stages is not None:  # else DeepSpeed raises its own error before any collective
             spec.check(self._partition_context)
         super().__init__(*bound.args[1:], **bound.kwargs)
+        self._mark_stage_parameters()
+
+    def _mark_stage_parameters(self) -> None:
+        """Make DeepSpeed's gradient norm (clipping) sum over every stage, not only stage 0.
+
+        DeepSpeed's ``clip_grad_norm_`` sums the squared norms over the pipeline group but counts a parameter only
+        on the group's rank 0 unless the parameter is marked ``model_parallel`` (held by this rank alone). A stage's
+        own layers are exactly that; tied layers are replicated across stages, so they stay counted once, on
+        stage 0. Without this, with DeepSpeed's default ``gradient_clipping`` of 1.0 a pipeline clips by stage 0's
+        norm and trains differently from the same model without a pipeline.
+        """
+        tied = {id(p) for p in self.tied_modules.parameters()}
+        for parameter in self.parameters():
+            if id(parameter) not in tied:
+                parameter.model_parallel = True
 
     def _partition_layers(self, method: str = "uniform") -> None:
         spec = get_partition_method(method)

@@ -77,7 +77,10 @@ def test_final_weights_match_deepspeed(runs, schedule):
     weights = layer_weights(runs[schedule]["checkpoint"])
     assert reference and weights.keys() == reference.keys()
     for key, tensor in weights.items():
-        torch.testing.assert_close(tensor, reference[key], rtol=1e-5, atol=1e-7, msg=key)
+        # Per tensor, in norm: a different order of summing micro-batch gradients changes the last bits, and Adam
+        # turns that into ~1e-5 absolute noise on weights whose gradient is ~0, so elementwise checks would fail.
+        relative = (tensor - reference[key]).norm() / reference[key].norm()
+        assert relative <= 1e-5, f"{key}: {relative:.2e}"
 
 
 def test_runs_report_their_layout(runs):
