@@ -1,0 +1,203 @@
+"""Benchmark driver, run on every rank by DeepSpeed's launcher: trains one configuration after another.
+
+    deepspeed --num_gpus 2 bench/pipeline_bench.py --configs configs.json --out results.json
+
+Each configuration (a JSON object) names the model, image size, micro-batch, micro-batches per step, pipeline
+stages (0 = plain data parallel), partition method, schedule and whether to trace. Running them in one job, in
+the order given (the benchmark scripts interleave repeats), gives every row the same machine conditions.
+The data is a fixed set of in-memory micro-batches, so the numbers measure the pipeline, not the data loader.
+Per row: seconds per step (median of the timed steps), samples/s, per-rank peak saved-activation bytes,
+per-rank peak resident memory, stage boundaries, the partition report's predicted step time, and, when traced,
+the measured bubble.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import statistics
+import tempfile
+import time
+
+import deepspeed
+import torch
+from deepspeed import comm as dist
+from deepspeed.accelerator import get_accelerator
+
+import ds_pipe_ext
+from ds_pipe_ext.memory import ActivationMemoryMeter
+from ds_pipe_ext.models import build_model, join_layers
+from ds_pipe_ext.topology import make_topology
+from ds_pipe_ext.trace import bubble_report, load_trace
+
+
+def reset_peak_rss() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def micro_batches(cfg: dict, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(cfg.get("seed", 0))
+    size = cfg["image_size"]
+    return [
+        (
+            torch.randn(cfg["micro_batch"], 3, size, size, generator=gen),
+            torch.randint(0, 10, (cfg["micro_batch"],), generator=gen),
+        )
+        for _ in range(count)
+    ]
+
+
+def ds_config(cfg: dict, data_parallel: int) -> dict:
+    return {
+        "train_batch_size": cfg["micro_batch"] * cfg["micro_batches"] * data_parallel,
+        "train_micro_batch_size_per_gpu": cfg["micro_batch"],
+        "optimizer": {"type": "Adam", "params": {"lr": 1e-4, "torch_adam": True}},
+        "steps_per_print": 10**9,
+    }
+
+
+def run_pipeline(cfg: dict, world: int) -> dict:
+    torch.manual_seed(0)
+    net = build_model(cfg["model"], dropout=0.0)
+    topology = make_topology(world, cfg["stages"])
+    data = micro_batches(cfg, cfg["micro_batches"])
+    module = ds_pipe_ext.PipelineModule(
+        layers=join_layers(net),
+        loss_fn=torch.nn.CrossEntropyLoss(),
+        topology=topology,
+        partition_method=cfg["partition"],
+        sample_input=lambda: data[0][0],
+        micro_batches=cfg["micro_batches"],
+        schedule=cfg["schedule"] if cfg["schedule"] != "deepspeed" else "1f1b",
+    )
+
+    trace_dir = tempfile.mkdtemp(prefix="bench_trace_") if cfg.get("trace") else None
+    if trace_dir is not None:
+        trace_dir = [trace_dir]
+        dist.broadcast_object_list(trace_dir, src=0)
+        trace_dir = trace_dir[0]
+    engine, _, _, _ = ds_pipe_ext.initialize(
+        model=module,
+        model_parameters=[p for p in module.parameters() if p.requires_grad],
+        config=ds_config(cfg, topology.get_dim("data")),
+        schedule=cfg["schedule"],
+        trace_dir=trace_dir,
+    )
+    meter = ActivationMemoryMeter(module.parameters())
+
+    def step() -> None:
+        with meter:
+            engine.train_batch(iter(data))
+
+    result = time_steps(cfg, step)
+    result.update(
+        boundaries=list(module.parts),
+        predicted_step=module.partition_report.step_time,
+        predicted_unit=module.partition_report.cost_unit,
+        predicted_stage_costs=[stage.cost for stage in module.partition_report.stages],
+        peak_activation_mb=meter.peak_bytes / 2**20,
+    )
+    if trace_dir is not None:
+        path = engine.save_trace()
+        if path is not None:
+            report = bubble_report(load_trace(path))
+            result["bubble"] = {
+                "measured": report.measured,
+                "measured_per_stage": report.measured_per_stage,
+                "theoretical": report.theoretical,
+                "predicted": report.predicted,
+            }
+            result["stage_costs"] = {"forward": report.forward_cost, "backward": report.backward_cost}
+
+    return result
+
+
+def run_data_parallel(cfg: dict, world: int) -> dict:
+    torch.manual_seed(0)
+    net = build_model(cfg["model"], dropout=0.0)
+    engine, _, _, _ = deepspeed.initialize(model=net, model_parameters=net.parameters(), config=ds_config(cfg, world))
+    data = micro_batches(cfg, cfg["micro_batches"])
+    criterion = torch.nn.CrossEntropyLoss()
+    meter = ActivationMemoryMeter(net.parameters())
+
+    def step() -> None:
+        with meter:
+            for inputs, labels in data:
+                engine.backward(criterion(engine(inputs.to(engine.device)), labels.to(engine.device)))
+                engine.step()
+
+    result = time_steps(cfg, step)
+    result.update(boundaries=None, predicted_step=None, peak_activation_mb=meter.peak_bytes / 2**20)
+
+    return result
+
+
+def time_steps(cfg: dict, step) -> dict:
+    for _ in range(cfg.get("warmup", 1)):
+        step()
+    reset_peak_rss()
+    seconds = []
+    for _ in range(cfg.get("steps", 3)):
+        dist.barrier()
+        start = time.perf_counter()
+        step()
+        get_accelerator().synchronize()
+        seconds.append(time.perf_counter() - start)
+    per_step = statistics.median(seconds)
+    samples = cfg["micro_batch"] * cfg["micro_batches"] * (dist.get_world_size() // max(1, cfg["stages"]))
+    return {
+        "seconds": seconds,
+        "seconds_per_step": per_step,
+        "samples_per_s": samples / per_step,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--configs", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--local_rank", type=int, default=-1)
+    args = parser.parse_args()
+    deepspeed.init_distributed()
+    world = dist.get_world_size()
+    with open(args.configs) as f:
+        configs = json.load(f)
+    rows = []
+    for index, cfg in enumerate(configs):
+        result = (run_pipeline if cfg["stages"] else run_data_parallel)(cfg, world)
+        per_rank = [None] * world
+        dist.all_gather_object(per_rank, {k: result[k] for k in ("peak_activation_mb", "peak_rss_mb", "seconds")})
+        gc.collect()
+        if dist.get_rank() == 0:
+            row = {**cfg, **result, "per_rank": per_rank}
+            row.pop("peak_activation_mb")
+            row.pop("peak_rss_mb")
+            rows.append(row)
+            print(
+                f"[{index + 1}/{len(configs)}] {cfg}: {result['seconds_per_step']:.3f} s/step, "
+                f"{result['samples_per_s']:.1f} samples/s",
+                flush=True,
+            )
+            with open(args.out, "w") as f:
+                json.dump({"device": get_accelerator().device_name(), "world_size": world, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
