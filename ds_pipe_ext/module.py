@@ -14,6 +14,7 @@ from dataclasses import replace
 from typing import Any
 
 import deepspeed.pipe
+from deepspeed import comm as dist
 from deepspeed.accelerator import get_accelerator
 from deepspeed.utils import logger
 
@@ -85,6 +86,16 @@ class PipelineModule(deepspeed.pipe.PipelineModule):
             if id(parameter) not in tied:
                 parameter.model_parallel = True
 
+    def _check_ranks_agree(self) -> None:
+        """Every rank must cut the same stages, or the pipeline deadlocks at its first send: fail loudly instead."""
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, list(self.parts), group=self.world_group)
+        if any(parts != gathered[0] for parts in gathered):
+            raise RuntimeError(
+                f"ranks disagree on the stage boundaries: {gathered}. A partition method must give every rank the "
+                "same result (measure on one rank and share it, or pass a profile_cache)"
+            )
+
     def _partition_layers(self, method: str = "uniform") -> None:
         spec = get_partition_method(method)
         ctx = replace(
@@ -96,6 +107,7 @@ class PipelineModule(deepspeed.pipe.PipelineModule):
         if self.global_rank == 0:
             logger.info(f"Partitioning pipeline stages with method {spec}")
         self.parts = spec(ctx)
+        self._check_ranks_agree()
         self.partition_report = partition_report(ctx, self.parts, method=str(spec))
         if self.global_rank == 0:
             print(self.partition_report.format(), flush=True)
