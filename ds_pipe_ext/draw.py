@@ -16,7 +16,12 @@ from ds_pipe_ext.simulation import Costs, SimulationResult, TimelineEvent, ideal
 __all__ = ["BOX_COLOURS", "draw_schedule", "draw_timeline"]
 
 #: Instructions drawn as labelled boxes, and their colours. Anything else that takes time is a thin grey strip.
-BOX_COLOURS: dict[str, str] = {"ForwardPass": "#4c72b0", "BackwardPass": "#dd8452"}
+BOX_COLOURS: dict[str, str] = {
+    "ForwardPass": "#4c72b0",
+    "BackwardPass": "#dd8452",
+    "BackwardInputPass": "#dd8452",  # B: the critical half of a split backward, coloured as a whole one
+    "BackwardWeightPass": "#55a868",  # W: the half that fills bubbles
+}
 _OTHER_COLOUR = "#9e9e9e"
 _SUFFIXES = (".png", ".svg")
 _LABEL_POINTS = 8

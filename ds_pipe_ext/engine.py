@@ -20,6 +20,13 @@ from deepspeed.runtime.pipe.engine import PipelineEngine
 
 from .config import DEEPSPEED_BUILTIN, load_config, schedule_name
 from .schedules import get_schedule
+from .split_backward import (
+    BackwardInputPass,
+    BackwardWeightPass,
+    backward_input,
+    backward_weight,
+    check_engine_can_split,
+)
 
 
 class SchedulePipelineEngine(PipelineEngine):
@@ -61,6 +68,46 @@ class SchedulePipelineEngine(PipelineEngine):
             self.pipe_buffers["grads"][buffer_id] = None
         super()._exec_backward_pass(buffer_id)
 
+    def _exec_backward_input_pass(self, buffer_id: int) -> None:
+        """B: the gradient of the stage input, for ``SendGrad``; what the weights' gradients need waits for W.
+
+        On the last stage B starts from the unscaled loss: DeepSpeed's hook on the stage output
+        (``_backward_prologue_per_tensor``) divides the gradient by the accumulation steps, as it does for any
+        backward it did not start itself. The first stage has no input gradient to compute: its W runs the
+        whole backward.
+        """
+        check_engine_can_split(self)
+        if self.is_first_stage():
+            return
+        if self.is_last_stage():
+            outputs, grads = [self.pipe_buffers["losses"][buffer_id]], [None]
+            self.pipe_buffers["losses"][buffer_id] = None
+        else:
+            outputs, grads = self.pipe_buffers["outputs"][buffer_id], self.pipe_buffers["grads"][buffer_id]
+            self.pipe_buffers["grads"][buffer_id] = None
+            if torch.is_tensor(outputs):
+                outputs, grads = [outputs], [grads]
+            else:
+                outputs = [output for output in outputs if output.is_floating_point()]
+        inputs = self.pipe_buffers["inputs"][buffer_id]
+        self._running_engine_backward = True  # DeepSpeed's output hook refuses backwards it does not know of
+        try:
+            pending = backward_input(
+                outputs, grads, [inputs] if torch.is_tensor(inputs) else inputs, self.module.parameters()
+            )
+        finally:
+            self._running_engine_backward = False
+        self.pipe_buffers.setdefault("pending_weight_grads", [None] * self.num_pipe_buffers)[buffer_id] = pending
+
+    def _exec_backward_weight_pass(self, buffer_id: int) -> None:
+        """W: accumulate the weight gradients into ``.grad``, then free the micro-batch's activations."""
+        if self.is_first_stage():
+            return self._exec_backward_pass(buffer_id)
+        backward_weight(self.pipe_buffers["pending_weight_grads"][buffer_id])
+        self.pipe_buffers["pending_weight_grads"][buffer_id] = None
+        self.pipe_buffers["outputs"][buffer_id] = None
+        self.pipe_buffers["output_tensors"][buffer_id] = None
+
     def _exec_schedule(self, pipe_schedule: ds_schedule.PipeSchedule) -> None:
         if self.tracer is None:
             return super()._exec_schedule(pipe_schedule)
@@ -88,6 +135,8 @@ class SchedulePipelineEngine(PipelineEngine):
         ds_schedule.ForwardPass: _exec_forward_pass,
         ds_schedule.BackwardPass: _exec_backward_pass,
         ds_schedule.RecvGrad: _exec_recv_grads,
+        BackwardInputPass: _exec_backward_input_pass,
+        BackwardWeightPass: _exec_backward_weight_pass,
     }
 
 
@@ -121,17 +170,21 @@ def initialize(
     from deepspeed.constants import TORCH_DISTRIBUTED_DEFAULT_PORT
     from deepspeed.pipe import PipelineModule
 
-    ds_kwargs = dict(
+    common = dict(
         args=args,
         model=model,
         optimizer=optimizer,
         model_parameters=model_parameters,
         training_data=training_data,
         lr_scheduler=lr_scheduler,
-        distributed_port=distributed_port or TORCH_DISTRIBUTED_DEFAULT_PORT,
-        mpu=mpu,
         dist_init_required=dist_init_required,
         collate_fn=collate_fn,
+    )
+    distributed_port = distributed_port or TORCH_DISTRIBUTED_DEFAULT_PORT
+    ds_kwargs = dict(
+        common,
+        distributed_port=distributed_port,
+        mpu=mpu,
         config=config,
         mesh_param=mesh_param,
         config_params=config_params,
@@ -161,22 +214,15 @@ def initialize(
     zero.partition_parameters.shutdown_init_context()
     dist.init_distributed(
         dist_backend=get_accelerator().communication_backend_name(),
-        distributed_port=ds_kwargs["distributed_port"],
+        distributed_port=distributed_port,
         dist_init_required=dist_init_required,
     )
     tracer = None if trace_dir is None else InstructionTracer.for_rank(trace_dir, name, model._topo, dist.get_rank())
     config_class = DeepSpeedConfig(config_dict, model.mpu())
     set_optimizer_flags(config_class, model)
     engine = SchedulePipelineEngine(
-        args=args,
-        model=model,
-        optimizer=optimizer,
-        model_parameters=model_parameters,
-        training_data=training_data,
-        lr_scheduler=lr_scheduler,
+        **common,
         mpu=model.mpu(),
-        dist_init_required=dist_init_required,
-        collate_fn=collate_fn,
         config=config_dict,
         config_class=config_class,
         schedule_cls=get_schedule(name),

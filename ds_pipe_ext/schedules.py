@@ -167,3 +167,7 @@ class GPipeSchedule(PipeSchedule):
         if not self.is_first_stage:
             cmds.append(SendGrad(micro_batch))
         return cmds
+
+
+# Registered here so that every ``get_schedule`` caller sees it; the module imports this one, hence at the end.
+import ds_pipe_ext.zero_bubble  # noqa: E402, F401

@@ -31,6 +31,8 @@ from deepspeed.runtime.pipe.schedule import (
     SendGrad,
 )
 
+from ds_pipe_ext.split_backward import BackwardInputPass, BackwardWeightPass
+
 __all__ = [
     "DEFAULT_COSTS",
     "INSTRUCTION_SPECS",
@@ -130,13 +132,31 @@ INSTRUCTION_SPECS: dict[type[PipeInstruction], InstructionSpec] = {
     SendGrad: InstructionSpec(
         work=("send_grad",), reads=("input",), frees=("input",), after=("backward_input",), link=_SEND_GRAD, cost="send"
     ),
+    BackwardInputPass: InstructionSpec(
+        work=("backward_input",), reads=("output", "grad"), frees=("grad",), cost="backward_input", compute=True
+    ),
+    BackwardWeightPass: InstructionSpec(
+        work=("backward_weight",),
+        reads=("output",),
+        after=("backward_input",),
+        frees=("output",),
+        cost="backward_weight",
+        compute=True,
+    ),
     ReduceTiedGrads: InstructionSpec(end_of_batch=True),
     ReduceGrads: InstructionSpec(end_of_batch=True),
     OptimizerStep: InstructionSpec(end_of_batch=True),
 }
 
 #: Seconds (or any unit) per instruction kind; a caller's value may be one number or one per stage.
-DEFAULT_COSTS: dict[str, float] = {"forward": 1.0, "backward": 2.0, "send": 0.0}
+DEFAULT_COSTS: dict[str, float] = {
+    "forward": 1.0,
+    "backward": 2.0,
+    "send": 0.0,
+    "backward_input": 1.0,  # the halves of a split backward: by default, half of "backward" each
+    "backward_weight": 1.0,
+}
+_HALF_OF_BACKWARD = ("backward_input", "backward_weight")
 
 
 @dataclass(frozen=True)
@@ -208,7 +228,8 @@ def simulate(
 ) -> SimulationResult:
     """Validate ``schedule`` and time it: ``costs`` maps "forward", "backward" and "send" (one p2p transfer, charged
     at the sending stage's value) to a number or one number per stage; other instructions take no time. Defaults:
-    :data:`DEFAULT_COSTS`."""
+    :data:`DEFAULT_COSTS`. A schedule that splits the backward takes "backward_input" and "backward_weight", each
+    half of "backward" unless given."""
     schedule_class = _schedule_class(schedule)
     if stages < 1 or micro_batches < 1:
         raise ValueError(f"need at least one stage and one micro-batch, got {stages=}, {micro_batches=}")
@@ -238,6 +259,8 @@ def _per_stage_costs(costs: Costs, stages: int) -> dict[str, list[float]]:
         if min(values) < 0:
             raise ValueError(f"cost {key!r} is negative: {values}")
         per_stage[key] = values
+    for key in set(_HALF_OF_BACKWARD) - set(costs):
+        per_stage[key] = [value / 2 for value in per_stage["backward"]]
     return per_stage
 
 

@@ -1,0 +1,302 @@
+"""ZB-H1: the split backward computes exactly one backward's gradients and arithmetic; the schedule is valid, has the
+paper's bubble and 1F1B's memory bound; training with it matches 1F1B and the 1-stage run."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from launch import run_example
+from test_training import layer_weights
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import ds_pipe_ext
+from ds_pipe_ext.schedules import get_schedule
+from ds_pipe_ext.simulation import simulate, validate
+from ds_pipe_ext.split_backward import backward_input, backward_weight, check_engine_can_split
+from ds_pipe_ext.zero_bubble import ZBH1Schedule
+
+GRID = [(stages, micro_batches) for stages in range(1, 7) for micro_batches in range(1, 13)]
+
+
+# The split backward, on one process.
+
+
+def stage_model() -> nn.Module:
+    """Conv, in-place ReLU, pooling, a view and Linear layers: the kinds of node an AlexNet stage has."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 8, 3),
+        nn.ReLU(),
+        nn.Flatten(1),
+        nn.Linear(8 * 6 * 6, 16),
+        nn.ReLU(),
+        nn.Linear(16, 10),
+    )
+
+
+def received_input(micro_batch: int = 0) -> torch.Tensor:
+    """A received activation as DeepSpeed keeps it: a leaf that requires grad (the forward runs on a clone)."""
+    return torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(micro_batch)).requires_grad_()
+
+
+def full_backward(model: nn.Module, inputs: list[torch.Tensor], output_grad: torch.Tensor) -> None:
+    for x in inputs:
+        model(x.clone()).backward(output_grad)
+
+
+def grads(model: nn.Module, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [x.grad for x in inputs] + [p.grad for p in model.parameters()]
+
+
+def test_b_then_w_gives_exactly_the_gradients_and_flops_of_one_backward():
+    model, reference = stage_model(), stage_model()
+    x, x_reference, output_grad = received_input(), received_input(), torch.randn(4, 10)
+    reference_output = reference(x_reference.clone())
+    with FlopCounterMode(display=False) as full:
+        reference_output.backward(output_grad)
+    outputs = [model(x.clone())]
+
+    with FlopCounterMode(display=False) as input_half:
+        pending = backward_input(outputs, [output_grad], [x], model.parameters())
+    assert x.grad is not None and all(p.grad is None for p in model.parameters())
+    with FlopCounterMode(display=False) as weight_half:
+        backward_weight(pending)
+
+    for grad, expected in zip(grads(model, [x]), grads(reference, [x_reference])):
+        assert torch.equal(grad, expected)
+    assert 0 < input_half.get_total_flops() < full.get_total_flops()
+    assert input_half.get_total_flops() + weight_half.get_total_flops() == full.get_total_flops()
+
+
+def test_deferred_weight_passes_accumulate_like_successive_backwards():
+    model, reference = stage_model(), stage_model()
+    inputs, reference_inputs = [received_input(m) for m in range(3)], [received_input(m) for m in range(3)]
+    output_grad = torch.randn(4, 10)
+    full_backward(reference, reference_inputs, output_grad)
+
+    pending = [backward_input([model(x.clone())], [output_grad], [x], model.parameters()) for x in inputs]
+    for weight_pass in pending:  # every W after all three B passes: deferred, as in ZB-H1
+        backward_weight(weight_pass)
+
+    for grad, expected in zip(grads(model, inputs), grads(reference, reference_inputs)):
+        torch.testing.assert_close(grad, expected, rtol=1e-6, atol=0)
+
+
+class SharedWeightBlock(nn.Module):
+    """Two inputs, two outputs, and one Linear used at two depths: weights whose gradients join the input path at
+    more than one node."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.shared, self.other = nn.Linear(6, 6), nn.Linear(6, 6)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.shared(torch.tanh(self.other(a) + b))
+        return self.shared(hidden), hidden * 2
+
+
+def test_weights_joining_the_input_path_twice_get_the_full_backwards_gradients():
+    model, reference = SharedWeightBlock(), SharedWeightBlock()
+    inputs = [torch.randn(3, 6, requires_grad=True) for _ in range(2)]
+    reference_inputs = [x.detach().clone().requires_grad_() for x in inputs]
+    output_grads = [torch.randn(3, 6), torch.randn(3, 6)]
+    torch.autograd.backward(list(reference(*reference_inputs)), output_grads)
+
+    backward_weight(backward_input(list(model(*inputs)), output_grads, inputs, model.parameters()))
+
+    for grad, expected in zip(grads(model, inputs), grads(reference, reference_inputs)):
+        torch.testing.assert_close(grad, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_a_gradient_hook_on_the_output_applies_once():
+    """DeepSpeed divides the last stage's output gradient by the accumulation steps in a tensor hook; W restarts at
+    the node that produced the output, where that hook would fire a second time."""
+    model, reference = stage_model(), stage_model()
+    x, x_reference, output_grad = received_input(), received_input(), torch.randn(4, 10)
+    reference_output = reference(x_reference.clone())
+    reference_output.register_hook(lambda grad: grad / 4)
+    reference_output.backward(output_grad)
+
+    output = model(x.clone())
+    output.register_hook(lambda grad: grad / 4)
+    backward_weight(backward_input([output], [output_grad], [x], model.parameters()))
+
+    for grad, expected in zip(grads(model, [x]), grads(reference, [x_reference])):
+        assert torch.equal(grad, expected)
+
+
+def test_splits_it_cannot_do_are_refused():
+    model = stage_model()
+    with pytest.raises(ValueError, match="needs an input that requires grad"):
+        backward_input([model(torch.randn(4, 3, 16, 16))], [torch.randn(4, 10)], [torch.randn(1)], model.parameters())
+    bias = nn.Parameter(torch.ones(10))
+    x = received_input()
+    with pytest.raises(ValueError, match="reaches an output that does not depend on the stage input"):
+        backward_input([model(x.clone()), bias * 2], [torch.randn(4, 10), torch.randn(10)], [x], [bias])
+
+
+def engine_config(**overrides) -> SimpleNamespace:
+    settings = {"fp16": False, "bf16": False, "zero": 0, "partitioned": False, **overrides}
+    return SimpleNamespace(
+        fp16_enabled=lambda: settings["fp16"],
+        bfloat16_enabled=lambda: settings["bf16"],
+        zero_optimization_stage=lambda: settings["zero"],
+        is_pipe_partitioned=settings["partitioned"],
+        is_grad_partitioned=False,
+    )
+
+
+def test_engines_the_split_cannot_reproduce_are_refused():
+    check_engine_can_split(engine_config())
+    with pytest.raises(
+        ValueError, match=r"fp32 with ZeRO stage 0 only; this config enables bf16, ZeRO stage 1: .*1f1b"
+    ):
+        check_engine_can_split(engine_config(bf16=True, zero=1))
+    with pytest.raises(ValueError, match="enables fp16"):
+        check_engine_can_split(engine_config(fp16=True))
+
+
+# The schedule.
+
+
+def test_zb_h1_is_registered_and_imports_first(monkeypatch):
+    assert get_schedule("ZB-H1") is ZBH1Schedule
+    for name in ("schedules", "simulation", "split_backward", "zero_bubble"):
+        monkeypatch.delitem(sys.modules, f"ds_pipe_ext.{name}")
+        monkeypatch.delattr(ds_pipe_ext, name)
+    fresh = importlib.import_module("ds_pipe_ext.zero_bubble")
+    assert importlib.import_module("ds_pipe_ext.schedules").get_schedule("zb-h1") is fresh.ZBH1Schedule
+
+
+def test_zb_h1_is_valid_over_the_grid():
+    for stages, micro_batches in GRID:
+        validate("zb-h1", stages, micro_batches)
+
+
+def compute_order(schedule: str, stages: int, micro_batches: int, stage: int) -> list[tuple[str, int]]:
+    """A stage's forwards and (input) backwards in the order it runs them, by micro-batch."""
+    kinds = {"ForwardPass": "F", "BackwardPass": "B", "BackwardInputPass": "B"}
+    timeline = simulate(schedule, stages, micro_batches).timeline
+    return [(kinds[e.name], e.micro_batch) for e in timeline if e.stage == stage and e.name in kinds]
+
+
+@pytest.mark.parametrize("stages, micro_batches", [(2, 8), (4, 8), (4, 3), (5, 12)])
+def test_forwards_and_b_passes_keep_1f1b_order(stages, micro_batches):
+    for stage in range(stages):
+        assert compute_order("zb-h1", stages, micro_batches, stage) == compute_order(
+            "1f1b", stages, micro_batches, stage
+        )
+
+
+def test_equal_pass_times_give_the_papers_bubble():
+    """(K-1)(T_F + T_B - T_W) idle per stage, against 1F1B's (K-1)(T_F + T_B + T_W) (Qi et al., section 2.1)."""
+    for stages, micro_batches in GRID:
+        if micro_batches < stages:
+            continue
+        zb = simulate("zb-h1", stages, micro_batches, {"forward": 1, "backward_input": 1, "backward_weight": 1})
+        assert zb.makespan == 3 * micro_batches + (stages - 1)
+        one_f_one_b = simulate("1f1b", stages, micro_batches, {"forward": 1, "backward": 2})
+        assert one_f_one_b.makespan == 3 * micro_batches + 3 * (stages - 1)
+
+
+def test_a_full_backward_cost_splits_into_equal_halves_unless_they_are_given():
+    def makespan(**costs) -> float:
+        return simulate("zb-h1", 3, 6, costs).makespan
+
+    slow_last_w = [1.5, 1.5, 2.0]
+    assert makespan(backward=3) == makespan(backward_input=1.5, backward_weight=1.5)
+    assert makespan(backward=3, backward_weight=slow_last_w) == makespan(
+        backward_input=1.5, backward_weight=slow_last_w
+    )
+    assert makespan(backward=3, backward_weight=slow_last_w) > makespan(backward=3)
+
+
+def test_bubble_is_below_1f1b_everywhere_with_default_costs():
+    for stages, micro_batches in GRID:
+        zb, one_f_one_b = simulate("zb-h1", stages, micro_batches), simulate("1f1b", stages, micro_batches)
+        if stages == 1:
+            assert zb.bubble_fraction == one_f_one_b.bubble_fraction == 0
+        else:
+            assert zb.bubble_fraction < one_f_one_b.bubble_fraction
+
+
+def peak_awaiting_b(timeline: list, stage: int) -> int:
+    """Most micro-batches forwarded but not yet through B at once on ``stage``, from the simulated timeline."""
+    waiting, peak = 0, 0
+    for event in sorted((e for e in timeline if e.stage == stage), key=lambda e: e.start):
+        waiting += {"ForwardPass": 1, "BackwardInputPass": -1}.get(event.name, 0)
+        peak = max(peak, waiting)
+    return peak
+
+
+def test_memory_stays_within_1f1b_bounds():
+    """As in the paper: per stage, activations awaiting B peak where 1F1B's do (K - s); counting those awaiting W
+    too, every stage holds at most stage 0's 1F1B peak, and asks DeepSpeed for no more buffers than that."""
+    for stages, micro_batches in GRID:
+        zb, one_f_one_b = simulate("zb-h1", stages, micro_batches), simulate("1f1b", stages, micro_batches)
+        for stage in range(stages):
+            assert peak_awaiting_b(zb.timeline, stage) == one_f_one_b.peak_buffers[stage]
+            assert zb.peak_buffers[stage] == max(one_f_one_b.peak_buffers)
+            schedule = ZBH1Schedule(micro_batches=micro_batches, stages=stages, stage_id=stage)
+            assert schedule.num_pipe_buffers() == max(2, zb.peak_buffers[stage])
+
+
+# Training, under DeepSpeed's launcher: zb-h1 against the oracle runs of tests/conftest.py (fp32, dropout 0).
+
+ZB_RUNS = {
+    "zb-h1": (2, ["-p", "2", "--schedule", "zb-h1", "--partition", "manual:0,12,22"]),
+    "zb-h1_pipe2_data2": (4, ["-p", "2", "--schedule", "zb-h1", "--partition", "uniform"]),
+}
+
+
+@pytest.fixture(scope="module")
+def runs(oracle_runs, tmp_path_factory) -> dict[str, dict]:
+    """The two zb-h1 runs, with the config and arguments the oracle's 1f1b run was given, and the oracle's runs."""
+    reference = oracle_runs["1f1b"]
+    same = ["--dataset", reference["dataset"], "--image-size", str(reference["image_size"])]
+    same += ["--dropout", str(reference["dropout"]), "--seed", str(reference["seed"])]
+    same += ["--steps", str(len(reference["steps"]))]
+    tmp = tmp_path_factory.mktemp("zero_bubble")
+    records = dict(oracle_runs)
+    for name, (ranks, args) in ZB_RUNS.items():
+        checkpoint = tmp / f"{name}_ckpt"
+        config = reference["dir"] / "ds_config.json"
+        records[name] = run_example(tmp, name, ranks, config, [*same, *args, "--save-dir", str(checkpoint)])
+        records[name]["checkpoint"] = checkpoint
+    return records
+
+
+def losses(record: dict) -> list[float]:
+    return [step["loss"] for step in record["steps"]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", ZB_RUNS)
+@pytest.mark.parametrize("reference", ["1f1b", "one_stage"])
+def test_zb_h1_losses_match_1f1b_and_one_stage(runs, run, reference):
+    assert runs[run]["schedule"] == "zb-h1" and len(losses(runs[run])) >= 5
+    torch.testing.assert_close(
+        torch.tensor(losses(runs[run])), torch.tensor(losses(runs[reference])), rtol=1e-5, atol=0
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", ZB_RUNS)
+@pytest.mark.parametrize("reference", ["1f1b", "one_stage"])
+def test_zb_h1_final_weights_match_1f1b_and_one_stage(runs, run, reference):
+    """Per tensor, in norm, as tests/test_training.py compares: where micro-batch gradients are summed in another
+    order (another data-parallel degree), Adam turns the last bits into ~1e-5 on weights whose gradient is ~0."""
+    weights, expected = layer_weights(runs[run]["checkpoint"]), layer_weights(runs[reference]["checkpoint"])
+    assert expected and weights.keys() == expected.keys()
+    for key, tensor in weights.items():
+        relative = (tensor - expected[key]).norm() / expected[key].norm()
+        assert relative <= 1e-5, f"{key}: {relative:.2e}"
