@@ -25,11 +25,8 @@ TRACE_FILE = "trace.json"
 _STEP_END = "OptimizerStep"
 _TAIL = {"ReduceTiedGrads", "ReduceGrads", "OptimizerStep"}
 _FORWARD = "ForwardPass"
+_FORWARD_COST = "forward"
 _BUFFER_FILLS = {"LoadMicroBatch", "RecvActivation"}
-
-
-def _compute_names() -> set[str]:
-    return {cls.__name__ for cls, spec in INSTRUCTION_SPECS.items() if spec.compute}
 
 
 class InstructionTracer:
@@ -168,7 +165,8 @@ def load_trace(directory: str | Path) -> TracedRun:
 
 @dataclass(frozen=True)
 class BubbleReport:
-    """Measured bubble of a traced run next to (K-1)/(M+K-1) and the simulator's prediction."""
+    """Measured bubble of a traced run next to (K-1)/(M+K-1) (GPipe's and 1F1B's, with equal stages) and the
+    simulator's prediction for the run's schedule from its measured per-stage pass times."""
 
     stages: int
     micro_batches: int
@@ -183,12 +181,12 @@ class BubbleReport:
     def format(self) -> str:
         per_stage = ", ".join(f"stage {s}: {b:.3f}" for s, b in enumerate(self.measured_per_stage))
         costs = ", ".join(
-            f"stage {s}: F {f * 1e3:.1f} ms B {b * 1e3:.1f} ms"
+            f"stage {s}: forward {f * 1e3:.1f} ms, backward {b * 1e3:.1f} ms"
             for s, (f, b) in enumerate(zip(self.forward_cost, self.backward_cost))
         )
         return (
             f"bubble (K={self.stages}, M={self.micro_batches}): measured {self.measured:.3f} ({per_stage}); "
-            f"theory (K-1)/(M+K-1) {self.theoretical:.3f}; simulator from measured costs {self.predicted:.3f}\n"
+            f"GPipe/1F1B theory (K-1)/(M+K-1) {self.theoretical:.3f}; simulator from measured costs {self.predicted:.3f}\n"
             f"measured costs per micro-batch: {costs}; send {self.send_cost * 1e3:.2f} ms"
         )
 
@@ -201,13 +199,16 @@ def bubble_report(run: TracedRun, skip_steps: int = 1) -> BubbleReport:
         for column in zip(*(stage_bubble_fractions(run.timelines[key], run.stages) for key in keys))
     ]
     events = [event for key in keys for event in run.timelines[key]]
-    forward = _median_cost(run, keys, {_FORWARD})
-    backward = _median_cost(run, keys, _compute_names() - {_FORWARD})
-    sends = [e.end - e.start for e in events if e.name.startswith("Send")]
-    send = min(sends, default=0.0)
-    predicted = simulate(
-        run.schedule, run.stages, run.micro_batches, costs={"forward": forward, "backward": backward, "send": send}
-    ).bubble_fraction
+    traced = {event.name for event in events}
+    costs = {
+        spec.cost: _median_cost(run, keys, {cls.__name__})
+        for cls, spec in INSTRUCTION_SPECS.items()
+        if spec.compute and cls.__name__ in traced
+    }
+    forward = costs[_FORWARD_COST]
+    backward = [sum(per_stage) for per_stage in zip(*(v for k, v in costs.items() if k != _FORWARD_COST))]
+    costs["send"] = min((e.end - e.start for e in events if e.name.startswith("Send")), default=0.0)
+    predicted = simulate(run.schedule, run.stages, run.micro_batches, costs=costs).bubble_fraction
     return BubbleReport(
         run.stages,
         run.micro_batches,
@@ -217,7 +218,7 @@ def bubble_report(run: TracedRun, skip_steps: int = 1) -> BubbleReport:
         predicted,
         forward,
         backward,
-        send,
+        costs["send"],
     )
 
 
