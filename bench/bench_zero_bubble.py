@@ -1,0 +1,342 @@
+"""ZB-H1 against 1F1B on DeepSpeed's engine: measured bubble, samples/s and per-stage peak memory, one launch.
+
+    python bench/bench_zero_bubble.py            # launches itself on 2 CPU ranks; about a minute
+
+The model is a stack of equal Linear layers split into two stages of equal parameters, so that the stages take
+the same time and the only idle time left is the pipeline's own. Both schedules train identical copies of it in
+the same processes, in alternating rounds, so that both see the same machine; every instruction is traced. After
+the timed rounds, one more batch of each runs with every allocation of 64 KiB or more given its own pages
+(``mallopt(M_MMAP_THRESHOLD)``), so that the resident set follows the live tensors: its peak during the pipelined
+part of the batch, above its level when the batch starts, is the peak memory reported per stage.
+
+Writes bench/results/zero_bubble.{json,md} and the measured timelines docs/img/trace_{1f1b,zb-h1}.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import itertools
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEDULES = ("1f1b", "zb-h1")
+TAIL = {"ReduceTiedGrads", "ReduceGrads", "OptimizerStep"}  # the batch's tail, left out of memory and bubble
+PASS_NAMES = {
+    "forward": "ForwardPass",
+    "backward": "BackwardPass",
+    "backward_input": "BackwardInputPass",
+    "backward_weight": "BackwardWeightPass",
+}
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--width", type=int, default=1024, help="features of every Linear layer")
+    parser.add_argument("--depth", type=int, default=8, help="Linear + ReLU blocks (half per stage)")
+    parser.add_argument(
+        "--input-width",
+        type=int,
+        default=1536,
+        help="features in: 1.5 x width gives stage 0 the arithmetic of stage 1, whose first layer also computes "
+        "its input's gradient",
+    )
+    parser.add_argument("--micro-batch", type=int, default=64)
+    parser.add_argument("--micro-batches", type=int, default=8, help="M, micro-batches per step")
+    parser.add_argument("--rounds", type=int, default=6, help="alternations of the two schedules")
+    parser.add_argument("--steps-per-round", type=int, default=3)
+    parser.add_argument("--warmup-steps", type=int, default=2, help="untimed steps of each schedule first")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--img", type=Path, default=ROOT / "docs" / "img")
+    parser.add_argument("--trace-dir", type=Path, default=Path("/tmp/ds_pipe_ext_bench_zero_bubble"))
+    parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def launch_self(argv: list[str]) -> int:
+    """Run this script on 2 CPU ranks under DeepSpeed's launcher, one thread each."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
+    deepspeed = Path(sys.executable).with_name("deepspeed")
+    cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", str(port), __file__, *argv]
+    return subprocess.call(cmd, env=env, cwd=ROOT)
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize()
+
+
+def make_tracer_sample_memory(tracer) -> None:
+    """After every instruction the tracer records, also note the resident set, for :func:`peak_memory`."""
+    record = tracer.record
+    tracer.memory = []
+
+    def record_and_sample(instruction, start, end):
+        record(instruction, start, end)
+        tracer.memory.append((type(instruction).__name__, resident_bytes()))
+
+    tracer.record = record_and_sample
+
+
+def build_engines(args: argparse.Namespace) -> dict:
+    import torch
+    from torch import nn
+
+    import ds_pipe_ext
+
+    config = {
+        "train_batch_size": args.micro_batch * args.micro_batches,
+        "train_micro_batch_size_per_gpu": args.micro_batch,
+        "optimizer": {"type": "Adam", "params": {"lr": 1e-4, "torch_adam": True}},
+        "steps_per_print": 10**9,
+    }
+    engines = {}
+    for schedule in SCHEDULES:
+        torch.manual_seed(0)
+        widths = [args.input_width, *[args.width] * args.depth]
+        blocks = [[nn.Linear(width, args.width), nn.ReLU()] for width in widths[:-1]]
+        module = ds_pipe_ext.PipelineModule(
+            layers=[*itertools.chain.from_iterable(blocks), nn.Linear(args.width, 10)],
+            num_stages=2,
+            loss_fn=nn.CrossEntropyLoss(),
+            partition_method=f"manual:0,{args.depth},{2 * args.depth + 1}",
+        )
+        engine, _, _, _ = ds_pipe_ext.initialize(
+            model=module,
+            model_parameters=module.parameters(),
+            config=config,
+            schedule=schedule,
+            trace_dir=str(args.trace_dir / schedule),
+        )
+        make_tracer_sample_memory(engine.tracer)
+        engines[schedule] = engine
+    return engines
+
+
+def train(engines: dict, args: argparse.Namespace) -> dict[str, list[float]]:
+    """Warm-up steps, then alternating rounds; the seconds of every timed step, per schedule."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    batch = (
+        torch.randn(args.micro_batch, args.input_width, generator=generator),
+        torch.randint(0, 10, (args.micro_batch,), generator=generator),
+    )
+    data = itertools.repeat(batch)
+    for engine in engines.values():
+        for _ in range(args.warmup_steps):
+            engine.train_batch(data)
+    seconds: dict[str, list[float]] = {schedule: [] for schedule in SCHEDULES}
+    for round_index in range(args.rounds):
+        order = SCHEDULES if round_index % 2 == 0 else SCHEDULES[::-1]
+        for schedule in order:
+            for _ in range(args.steps_per_round):
+                start = time.perf_counter()
+                engines[schedule].train_batch(data)
+                seconds[schedule].append(time.perf_counter() - start)
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
+    for engine in engines.values():
+        libc.malloc_trim(0)  # hand freed pages back, so that reusing them shows in the resident set again
+        engine.tracer.memory[:] = [("start", resident_bytes())]
+        engine.train_batch(data)
+    return seconds
+
+
+def peak_memory(samples: list[tuple[str, int]]) -> float:
+    """MiB: the highest resident set during the pipelined part of the batch, above its level at the start."""
+    (_, start), *during = samples
+    pipelined = itertools.takewhile(lambda sample: sample[0] not in TAIL, during)
+    return (max(rss for _, rss in pipelined) - start) / 2**20
+
+
+def analyse(args: argparse.Namespace, seconds: dict, memory: dict) -> dict:
+    """Per schedule: samples/s, measured bubble per stage over the timed steps, the simulator's prediction from
+    the measured pass times, and per-stage peak memory."""
+    from ds_pipe_ext.simulation import simulate, stage_bubble_fractions
+    from ds_pipe_ext.trace import load_trace
+
+    timed = range(args.warmup_steps, args.warmup_steps + args.rounds * args.steps_per_round)
+    samples = args.micro_batch * args.micro_batches
+    results = {}
+    for schedule in SCHEDULES:
+        run = load_trace(args.trace_dir / schedule)
+        per_step = [stage_bubble_fractions(run.timeline(step), run.stages) for step in timed]
+        costs = {
+            key: [median_pass_time(run, timed, stage, name) for stage in range(run.stages)]
+            for key, name in PASS_NAMES.items()
+        }
+        costs = {key: value for key, value in costs.items() if any(value)}
+        sends = [e.end - e.start for step in timed for e in run.timeline(step) if e.name.startswith("Send")]
+        makespans = [
+            max(e.end for e in run.timeline(step)) - min(e.start for e in run.timeline(step)) for step in timed
+        ]
+        representative = sorted(timed, key=lambda step: makespans[step - timed.start])[len(timed) // 2]
+        results[schedule] = {
+            "samples_per_s": samples / statistics.median(seconds[schedule]),
+            "samples_per_s_per_step": [samples / s for s in seconds[schedule]],
+            "step_seconds_median": statistics.median(seconds[schedule]),
+            "bubble_measured": statistics.fmean(statistics.fmean(fractions) for fractions in per_step),
+            "bubble_measured_per_stage": [statistics.fmean(column) for column in zip(*per_step)],
+            "bubble_predicted_from_measured_costs": simulate(
+                schedule, run.stages, run.micro_batches, {**costs, "send": min(sends)}
+            ).bubble_fraction,
+            "bubble_unit_costs": simulate(schedule, run.stages, run.micro_batches).bubble_fraction,
+            "pass_ms_per_stage": {key: [v * 1e3 for v in value] for key, value in costs.items()},
+            "send_ms": min(sends) * 1e3,
+            "peak_memory_mib_per_stage": memory[schedule],
+            "timeline_step": representative,
+        }
+        results[schedule]["_run"] = run
+    return results
+
+
+def median_pass_time(run, steps: range, stage: int, name: str) -> float:
+    times = [e.end - e.start for step in steps for e in run.timeline(step) if e.stage == stage and e.name == name]
+    return statistics.median(times) if times else 0.0
+
+
+def draw(run, step: int, schedule: str, path: Path) -> None:
+    """The measured timeline of one step; stage 0's B passes, which have nothing to compute, are left out."""
+    from ds_pipe_ext.draw import draw_timeline
+    from ds_pipe_ext.simulation import bubble_fraction
+
+    events = run.timeline(step)
+    title = (
+        f"{schedule}, measured on 2 CPU ranks (M={run.micro_batches}, the step of median length): "
+        f"bubble {bubble_fraction(events, run.stages):.3f}"
+    )
+    drawn = [e for e in events if not (e.name == "BackwardInputPass" and e.stage == 0)]
+    draw_timeline(drawn, run.stages, path, title=title, xlabel="seconds")
+
+
+def write_report(args: argparse.Namespace, results: dict) -> None:
+    one, zb = results["1f1b"], results["zb-h1"]
+    args.img.mkdir(parents=True, exist_ok=True)
+    for schedule, result in results.items():
+        draw(result.pop("_run"), result["timeline_step"], schedule, args.img / f"trace_{schedule}.png")
+    ratios = {
+        "bubble": zb["bubble_measured"] / one["bubble_measured"],
+        "samples_per_s": zb["samples_per_s"] / one["samples_per_s"],
+        "peak_memory_per_stage": [
+            z / o if o else None for z, o in zip(zb["peak_memory_mib_per_stage"], one["peak_memory_mib_per_stage"])
+        ],
+    }
+    record = {
+        "setup": {
+            "model": f"Linear({args.input_width}, {args.width}) + ReLU, {args.depth - 1} x (Linear({args.width}, "
+            f"{args.width}) + ReLU), Linear({args.width}, 10)",
+            "stages": 2,
+            "partition": f"{args.depth // 2} Linear + ReLU blocks per stage, the head on stage 1",
+            "micro_batches": args.micro_batches,
+            "micro_batch_size": args.micro_batch,
+            "device": "cpu, 2 ranks, 1 thread each (gloo)",
+            "rounds": args.rounds,
+            "steps_per_round": args.steps_per_round,
+        },
+        "results": results,
+        "zb_h1_over_1f1b": ratios,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "zero_bubble.json").write_text(json.dumps(record, indent=1))
+    (args.out / "zero_bubble.md").write_text(markdown(record))
+    print(markdown(record), flush=True)
+
+
+def markdown(record: dict) -> str:
+    setup, results, ratios = record["setup"], record["results"], record["zb_h1_over_1f1b"]
+    one, zb = results["1f1b"], results["zb-h1"]
+
+    def stages(values: list[float], fmt: str) -> str:
+        return " / ".join(format(v, fmt) for v in values)
+
+    def passes(result: dict) -> str:
+        return "; ".join(f"{key} {stages(value, '.1f')}" for key, value in result["pass_ms_per_stage"].items())
+
+    rows = [
+        (
+            "samples/s (median step)",
+            f"{one['samples_per_s']:.1f}",
+            f"{zb['samples_per_s']:.1f}",
+            f"{ratios['samples_per_s']:.3f}",
+        ),
+        (
+            "bubble, measured",
+            f"{one['bubble_measured']:.3f}",
+            f"{zb['bubble_measured']:.3f}",
+            f"{ratios['bubble']:.3f}",
+        ),
+        (
+            "bubble per stage, measured",
+            stages(one["bubble_measured_per_stage"], ".3f"),
+            stages(zb["bubble_measured_per_stage"], ".3f"),
+            "",
+        ),
+        (
+            "bubble, simulator with measured pass times",
+            f"{one['bubble_predicted_from_measured_costs']:.3f}",
+            f"{zb['bubble_predicted_from_measured_costs']:.3f}",
+            "",
+        ),
+        ("bubble, simulator with F = B = W", f"{one['bubble_unit_costs']:.3f}", f"{zb['bubble_unit_costs']:.3f}", ""),
+        (
+            "peak memory per stage (MiB above batch start)",
+            stages(one["peak_memory_mib_per_stage"], ".1f"),
+            stages(zb["peak_memory_mib_per_stage"], ".1f"),
+            stages([r for r in ratios["peak_memory_per_stage"] if r is not None], ".2f"),
+        ),
+    ]
+    table = ["| | 1f1b | zb-h1 | zb-h1 / 1f1b |", "|---|---|---|---|"]
+    table += [f"| {name} | {a} | {b} | {c} |" for name, a, b, c in rows]
+    return "\n".join(
+        [
+            "# ZB-H1 against 1F1B (bench/bench_zero_bubble.py)",
+            "",
+            f"{setup['model']}, {setup['stages']} stages ({setup['partition']}), M = {setup['micro_batches']} "
+            f"micro-batches of {setup['micro_batch_size']}, {setup['device']}; {setup['rounds']} alternating rounds "
+            f"of {setup['steps_per_round']} steps per schedule. Stage values are stage 0 / stage 1.",
+            "",
+            *table,
+            "",
+            f"Median pass times per micro-batch (ms, stage 0 / stage 1): 1f1b {passes(one)}; zb-h1 {passes(zb)}.",
+            "On stage 0 B has no input gradient to compute, so its W is the whole backward.",
+            "",
+        ]
+    )
+
+
+def main() -> None:
+    if "LOCAL_RANK" not in os.environ:
+        sys.exit(launch_self(sys.argv[1:]))
+    args = parse_args()
+    import deepspeed
+    from deepspeed import comm as dist
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    engines = build_engines(args)
+    seconds = train(engines, args)
+    memory = {}
+    for schedule, engine in engines.items():
+        peaks = [None] * dist.get_world_size()
+        dist.all_gather_object(peaks, peak_memory(engine.tracer.memory))
+        memory[schedule] = peaks
+        engine.save_trace()
+    if dist.get_rank() == 0:
+        write_report(args, analyse(args, seconds, memory))
+
+
+if __name__ == "__main__":
+    main()
