@@ -186,7 +186,8 @@ class BubbleReport:
         )
         return (
             f"bubble (K={self.stages}, M={self.micro_batches}): measured {self.measured:.3f} ({per_stage}); "
-            f"GPipe/1F1B theory (K-1)/(M+K-1) {self.theoretical:.3f}; simulator from measured costs {self.predicted:.3f}\n"
+            f"GPipe/1F1B theory (K-1)/(M+K-1) {self.theoretical:.3f}; "
+            f"simulator from measured costs {self.predicted:.3f}\n"
             f"measured costs per micro-batch: {costs}; send {self.send_cost * 1e3:.2f} ms"
         )
 

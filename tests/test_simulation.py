@@ -137,7 +137,8 @@ BROKEN = [
         scripted(lambda s: forward_then_backward(2, skip_backward=1) + [END], buffers=2),
         1,
         2,
-        r"stage 0, step 3, ReduceTiedGrads\(\): comes before the backward_input of micro-batch 1 \(BackwardPass or BackwardInputPass\)",
+        r"stage 0, step 3, ReduceTiedGrads\(\): comes before the backward_input of micro-batch 1 "
+        r"\(BackwardPass or BackwardInputPass\)",
         id="missing backward",
     ),
     pytest.param(
