@@ -67,7 +67,7 @@ class SyntheticCIFAR10(Dataset):
         return self.transform(image) if self.transform else image
 
 
-def _cifar10_present(data_dir: str) -> bool:
+def cifar10_present(data_dir: str) -> bool:
     try:
         torchvision.datasets.CIFAR10(root=data_dir, train=True, download=False)
     except RuntimeError:  # torchvision's "Dataset not found or corrupted"
@@ -81,14 +81,14 @@ def cifar10_trainset(data_dir: str, image_size: int, local_rank: int, barrier=No
     ``barrier`` synchronises the ranks of a node (the original's semaphore): the others wait while rank 0
     downloads. If the data is neither there nor downloadable, every rank raises the same error.
     """
-    if not _cifar10_present(data_dir) and local_rank <= 0:
+    if not cifar10_present(data_dir) and local_rank <= 0:
         try:
             torchvision.datasets.CIFAR10(root=data_dir, train=True, download=True)
         except Exception as exc:  # noqa: BLE001 - any download failure means the same thing to the user
             print(f"CIFAR-10 download into {data_dir} failed: {exc}", flush=True)
     if barrier is not None:
         barrier()
-    if not _cifar10_present(data_dir):
+    if not cifar10_present(data_dir):
         raise FileNotFoundError(
             f"CIFAR-10 is not in --data-dir {data_dir} (expected {data_dir}/cifar-10-batches-py) and could not be "
             "downloaded. Put the extracted 'cifar-10-python.tar.gz' there, or run with --dataset synthetic "
