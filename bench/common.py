@@ -33,7 +33,11 @@ def run_configs(configs: list[dict], ranks: int = 2, port: int = 29650) -> dict:
             "--out",
             str(out),
         ]
-        result = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+        try:
+            result = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+        finally:  # DeepSpeed 0.19.8's CPU backend never unlinks its shared-memory all-reduce buffers
+            for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+                path.unlink(missing_ok=True)
         progress = [line for line in result.stdout.splitlines() if line.startswith("[")]
         print("\n".join(progress[-len(configs) :]), flush=True)
         if result.returncode != 0:

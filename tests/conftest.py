@@ -8,6 +8,19 @@ import pytest
 from launch import free_port
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_leftover_shm_buffers():
+    """Jobs started by the tests leave DeepSpeed's CPU all-reduce buffers in /dev/shm; remove them at the end."""
+    import time
+    from pathlib import Path
+
+    started = time.time()
+    yield
+    for path in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"):
+        if path.stat().st_mtime >= started:
+            path.unlink(missing_ok=True)
+
+
 @pytest.fixture(scope="session")
 def single_rank_group():
     """A real one-rank gloo process group, set up as DeepSpeed's launcher would, once per test session.
