@@ -16,6 +16,9 @@ _LAZY = {
     "SchedulePipelineEngine": "ds_pipe_ext.engine",
     "get_schedule": "ds_pipe_ext.schedules",
     "register_schedule": "ds_pipe_ext.schedules",
+    "validate": "ds_pipe_ext.schedules",
+    "simulate": "ds_pipe_ext.schedules",
+    "balance": "ds_pipe_ext.partition",
     "register_partition_method": "ds_pipe_ext.partition",
     "make_topology": "ds_pipe_ext.topology",
 }
