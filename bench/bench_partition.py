@@ -6,7 +6,7 @@ ranks (1 thread each): every boundary of the 22-layer list (``manual:0,B,22``), 
 (plain data parallel on the same 2 ranks) in a second job of the same run. Then a table over AlexNet and VGG19
 at 2 and 4 stages of the largest stage's time over the mean stage time, per method, from ``ds-pipe plan``.
 
-    python bench/bench_partition.py [--steps 2] [--image-size 224]
+    python bench/bench_partition.py [--steps 3] [--image-size 224]
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def imbalance_table(image_size: int) -> tuple[list[list], dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--image-size", type=int, default=224)
     args = parser.parse_args()
     base = {

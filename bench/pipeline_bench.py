@@ -43,6 +43,19 @@ def reset_peak_rss() -> None:
         pass
 
 
+def release(engine) -> None:
+    """Free a finished configuration's weights, gradients and optimizer state.
+
+    Something in DeepSpeed keeps finished engines reachable, so without this every configuration of the job would
+    add its stage's parameters and Adam state to the resident memory of the next.
+    """
+    optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    optimizer.state.clear()
+    for parameter in engine.module.parameters():
+        parameter.grad = None
+        parameter.data = torch.empty(0)
+
+
 def peak_rss_mb() -> float:
     with open("/proc/self/status") as f:
         for line in f:
@@ -124,6 +137,7 @@ def run_pipeline(cfg: dict, world: int) -> dict:
                 "predicted": report.predicted,
             }
             result["stage_costs"] = {"forward": report.forward_cost, "backward": report.backward_cost}
+    release(engine)
 
     return result
 
@@ -144,6 +158,7 @@ def run_data_parallel(cfg: dict, world: int) -> dict:
 
     result = time_steps(cfg, step)
     result.update(boundaries=None, predicted_step=None, peak_activation_mb=meter.peak_bytes / 2**20)
+    release(engine)
 
     return result
 
