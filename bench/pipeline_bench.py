@@ -212,6 +212,8 @@ def main() -> None:
             )
             with open(args.out, "w") as f:
                 json.dump({"device": get_accelerator().device_name(), "world_size": world, "rows": rows}, f, indent=1)
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -383,6 +383,10 @@ def main(argv=None) -> None:
         del log["print_every"]
         with open(args.log_json, "w") as f:
             json.dump(log, f, indent=1)
+    # Leaving gloo's process group to the interpreter's shutdown can abort a rank ("terminate called without an
+    # active exception") after its work is done; tear it down while everything is still alive.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

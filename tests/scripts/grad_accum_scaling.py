@@ -45,6 +45,8 @@ def main() -> None:
             weight = first_weight_after_one_batch(schedule, clipping)
             if dist.get_rank() == 0:
                 print(json.dumps({"schedule": schedule, "clipping": clipping, "first_weight": weight}), flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
