@@ -42,8 +42,11 @@ class SchedulePipelineEngine(PipelineEngine):
         self.schedule_cls = schedule_cls
         self.tracer = tracer
         super().__init__(*args, **kwargs)
-        self.pipe_buffers["losses"] = [None] * self.num_pipe_buffers
-        self.pipe_buffers["grads"] = [None] * self.num_pipe_buffers
+        for key in ("losses", "grads", "pending_weight_grads"):
+            self.pipe_buffers[key] = [None] * self.num_pipe_buffers
+        split = (BackwardInputPass, BackwardWeightPass)
+        if any(isinstance(cmd, split) for step in self._train_schedule() for cmd in step):
+            check_engine_can_split(self)  # once, on every rank, before the first batch
 
     def _train_schedule(self) -> ds_schedule.PipeSchedule:
         return self.schedule_cls(micro_batches=self.micro_batches, stages=self.num_stages, stage_id=self.stage_id)
@@ -76,7 +79,6 @@ class SchedulePipelineEngine(PipelineEngine):
         backward it did not start itself. The first stage has no input gradient to compute: its W runs the
         whole backward.
         """
-        check_engine_can_split(self)
         if self.is_first_stage():
             return
         if self.is_last_stage():
@@ -97,7 +99,7 @@ class SchedulePipelineEngine(PipelineEngine):
             )
         finally:
             self._running_engine_backward = False
-        self.pipe_buffers.setdefault("pending_weight_grads", [None] * self.num_pipe_buffers)[buffer_id] = pending
+        self.pipe_buffers["pending_weight_grads"][buffer_id] = pending
 
     def _exec_backward_weight_pass(self, buffer_id: int) -> None:
         """W: accumulate the weight gradients into ``.grad``, then free the micro-batch's activations."""
