@@ -5,7 +5,14 @@ and the engine keeps a single ``self.loss`` on the last stage and a single recei
 (``self.grad_layer``), so a schedule that runs several forwards before their backwards (GPipe) would
 backpropagate the wrong micro-batch (DeepSpeed issue 3900). ``SchedulePipelineEngine`` overrides the
 ``_train_schedule`` hook and keeps the loss and the received gradient per pipeline buffer, as DeepSpeed's
-own ``DualPipeVEngine`` does. Everything else (communication, reduction, optimizer step) is DeepSpeed's.
+own ``DualPipeVEngine`` does. Its sends do not block (below); everything else (receives, reduction, optimizer
+step) is DeepSpeed's.
+
+DeepSpeed's ``p2p.send`` blocks until the neighbour posts the matching receive (gloo and NCCL both rendezvous), so
+every transfer stops both stages until they meet. A schedule that keeps a stage busy while its neighbour waits for
+nothing (zero-bubble's W passes) then loses that time at the next send. Here ``SendActivation`` and ``SendGrad``
+post an ``isend`` and go on; the tensors stay referenced until the send completes, and every send is complete
+before ``train_batch`` returns.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from typing import Any
 
 import torch
 from deepspeed import comm as dist
+from deepspeed.runtime.pipe import p2p
 from deepspeed.runtime.pipe import schedule as ds_schedule
 from deepspeed.runtime.pipe.engine import PipelineEngine
 
@@ -41,6 +49,7 @@ class SchedulePipelineEngine(PipelineEngine):
     def __init__(self, *args: Any, schedule_cls: type[ds_schedule.PipeSchedule], tracer: Any = None, **kwargs: Any):
         self.schedule_cls = schedule_cls
         self.tracer = tracer
+        self._pending_sends: list[Any] = []
         super().__init__(*args, **kwargs)
         for key in ("losses", "grads", "pending_weight_grads"):
             self.pipe_buffers[key] = [None] * self.num_pipe_buffers
@@ -110,7 +119,51 @@ class SchedulePipelineEngine(PipelineEngine):
         self.pipe_buffers["outputs"][buffer_id] = None
         self.pipe_buffers["output_tensors"][buffer_id] = None
 
+    def _sends_can_overlap(self) -> bool:
+        """Partitioned activations and gradients go through DeepSpeed's own (blocking) sends; and so does the first
+        activation, which carries the tensor metadata the receiver allocates its buffer from."""
+        partitioned = self.is_pipe_partitioned or self.is_grad_partitioned
+        return p2p.can_send_recv() and not (partitioned or self.dynamic_shape)
+
+    def _exec_send_activations(self, buffer_id: int) -> None:
+        if self.first_output_send or not self._sends_can_overlap():
+            return super()._exec_send_activations(buffer_id)
+        outputs = self.pipe_buffers["outputs"][buffer_id]
+        tensors = [outputs] if torch.is_tensor(outputs) else list(outputs)
+        if self.has_attention_mask or self.has_bool_tensors:
+            tensors[-1] = tensors[-1].half()  # as DeepSpeed does: NCCL cannot send bool tensors
+        self._isend(tensors, self.next_stage)
+
+    def _exec_send_grads(self, buffer_id: int) -> None:
+        if not self._sends_can_overlap():
+            return super()._exec_send_grads(buffer_id)
+        inputs = self.pipe_buffers["inputs"][buffer_id]
+        if torch.is_tensor(inputs):
+            grads = [inputs.grad]
+        else:
+            if self.has_attention_mask or self.has_bool_tensors:
+                inputs = inputs[:-1]  # the mask has no gradient; DeepSpeed's receiver does not expect one
+            grads = [tensor.grad for tensor in inputs if tensor.is_floating_point()]
+        if any(grad is None for grad in grads):
+            raise RuntimeError(f"SendGrad(buffer_id={buffer_id}): a stage input has no gradient")
+        self._isend(grads, self.prev_stage)
+        self.pipe_buffers["inputs"][buffer_id] = None
+
+    def _isend(self, tensors: list[torch.Tensor], stage: int) -> None:
+        self._pending_sends = [work for work in self._pending_sends if not work.is_completed()]
+        rank = self.grid.stage_to_global(stage_id=stage)
+        self._pending_sends += [dist.isend(tensor, rank) for tensor in tensors]
+
+    def _wait_for_sends(self) -> None:
+        for work in self._pending_sends:
+            work.wait()
+        self._pending_sends = []
+
     def _exec_schedule(self, pipe_schedule: ds_schedule.PipeSchedule) -> None:
+        self._exec_instructions(pipe_schedule)
+        self._wait_for_sends()
+
+    def _exec_instructions(self, pipe_schedule: ds_schedule.PipeSchedule) -> None:
         if self.tracer is None:
             return super()._exec_schedule(pipe_schedule)
         self._reserve_pipe_buffers(pipe_schedule.num_pipe_buffers())
@@ -137,6 +190,8 @@ class SchedulePipelineEngine(PipelineEngine):
         ds_schedule.ForwardPass: _exec_forward_pass,
         ds_schedule.BackwardPass: _exec_backward_pass,
         ds_schedule.RecvGrad: _exec_recv_grads,
+        ds_schedule.SendActivation: _exec_send_activations,
+        ds_schedule.SendGrad: _exec_send_grads,
         BackwardInputPass: _exec_backward_input_pass,
         BackwardWeightPass: _exec_backward_weight_pass,
     }

@@ -1,9 +1,10 @@
 """Schedules as data: replay every stage's instruction stream to validate it and to time it.
 
-DeepSpeed's engine trusts its schedule: a send without its receive hangs the job, and a buffer reused too early
-silently trains on the wrong activations. Replaying the streams of all stages together, under the engine's blocking
-send/receive, turns those failures into a :class:`ScheduleError` that names the stage, step and instruction, and
-yields the timeline the schedule would produce for given per-stage costs.
+DeepSpeed's engine trusts its schedule: a receive without its send hangs the job, and a buffer reused too early
+silently trains on the wrong activations. Replaying the streams of all stages together, as
+:class:`~ds_pipe_ext.engine.SchedulePipelineEngine` runs them (sends do not wait; receives wait for their send),
+turns those failures into a :class:`ScheduleError` that names the stage, step and instruction, and yields the
+timeline the schedule would produce for given per-stage costs.
 
 What each instruction does is declared once, in :data:`INSTRUCTION_SPECS`; a new instruction (say, the two halves of
 a split backward) is taught to the simulator by adding an entry there and, if it has its own cost, a default to
@@ -12,6 +13,7 @@ a split backward) is taught to the simulator by adding an entry there and, if it
 
 from __future__ import annotations
 
+from collections import defaultdict, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Callable, Union
@@ -102,7 +104,7 @@ class InstructionSpec:
     after: tuple[str, ...] = ()  # work that must already be done for the micro-batch
     link: Link | None = None
     loads: bool = False
-    cost: str | None = None  # key of DEFAULT_COSTS; a send and its receive take the sender's "send" cost
+    cost: str | None = None  # key of DEFAULT_COSTS; a receive takes the sender's "send" cost
     compute: bool = False  # counts as busy time for the bubble
     end_of_batch: bool = False  # must come after all work, in the order of INSTRUCTION_SPECS, once each
 
@@ -216,8 +218,8 @@ def validate(schedule: str | type[PipeSchedule], stages: int, micro_batches: int
     """Raise :class:`ScheduleError` unless ``schedule`` trains one batch correctly on DeepSpeed's engine.
 
     Checked on every stage: each micro-batch is loaded (first and last stage), forwarded and backwarded exactly once,
-    in dependency order; sends and receives match one for one and in order on every link, without deadlock under
-    blocking send/receive; no buffer is overwritten while its contents are needed, and every buffer id is below
+    in dependency order; sends and receives match one for one and in order on every link, without deadlock (sends
+    do not block, receives do); no buffer is overwritten while its contents are needed, and every buffer id is below
     ``num_pipe_buffers()``; ReduceTiedGrads, ReduceGrads and OptimizerStep come last.
     """
     simulate(schedule, stages, micro_batches)
@@ -226,8 +228,8 @@ def validate(schedule: str | type[PipeSchedule], stages: int, micro_batches: int
 def simulate(
     schedule: str | type[PipeSchedule], stages: int, micro_batches: int, costs: Costs | None = None
 ) -> SimulationResult:
-    """Validate ``schedule`` and time it: ``costs`` maps "forward", "backward" and "send" (one p2p transfer, charged
-    at the sending stage's value) to a number or one number per stage; other instructions take no time. Defaults:
+    """Validate ``schedule`` and time it: ``costs`` maps "forward", "backward" and "send" (one p2p transfer, from
+    when both ends have reached it, at the sending stage's value) to a number or one number per stage; other instructions take no time. Defaults:
     :data:`DEFAULT_COSTS`. A schedule that splits the backward takes "backward_input" and "backward_weight", each
     half of "backward" unless given."""
     schedule_class = _schedule_class(schedule)
@@ -417,16 +419,17 @@ class _StageReplay:
 def _replay(
     schedule: type[PipeSchedule], stages: int, micro_batches: int, costs: Mapping[str, Sequence[float]]
 ) -> tuple[list[TimelineEvent], list[int]]:
-    """Run all stages' streams together as a discrete-event simulation with rendezvous sends and receives.
+    """Run all stages' streams together as a discrete-event simulation of :class:`SchedulePipelineEngine`.
 
-    A stage runs local instructions back to back; at a send or receive it waits until its neighbour reaches the
-    matching one, and then both take the sender's transfer time. When no stage can move and some have not finished,
-    the schedule deadlocks on DeepSpeed's blocking p2p.
+    A stage runs local instructions back to back. A send posts its tensor and goes on, as the engine's ``isend``
+    does; a receive waits until its neighbour has posted the matching send, and the transfer then takes the
+    sender's "send" cost. When no stage can move and some have not finished, the schedule deadlocks.
     """
     replays = [
         _StageReplay(schedule(micro_batches=micro_batches, stages=stages, stage_id=stage), micro_batches)
         for stage in range(stages)
     ]
+    posted: dict[tuple[int, str], deque[tuple[int, float, float]]] = defaultdict(deque)  # (to, payload) -> sends
     timeline: list[TimelineEvent] = []
     moved = True
     while moved:
@@ -437,17 +440,19 @@ def _replay(
                 if spec.link is None:
                     duration = costs[spec.cost][replay.stage] if spec.cost else 0.0
                     timeline.append(replay.run(replay.clock, duration))
-                    moved = True
-                    continue
-                peer = replays[replay.peer(spec.link)]
-                if peer.finished or peer.current()[1].link != spec.link.counterpart():
-                    break
-                sender, receiver = (replay, peer) if spec.link.sends else (peer, replay)
-                start = max(sender.clock, receiver.clock)
-                duration = costs[spec.cost][sender.stage]
-                sent = sender.run(start, duration)
-                timeline.append(sent)
-                timeline.append(receiver.run(start, duration, incoming=sent.micro_batch))
+                elif spec.link.sends:
+                    receiver = replay.peer(spec.link)
+                    sent = replay.run(replay.clock, 0.0)
+                    posted[(receiver, spec.link.payload)].append((sent.micro_batch, sent.start, costs[spec.cost][replay.stage]))
+                    timeline.append(sent)
+                else:
+                    replay.peer(spec.link)
+                    queue = posted[(replay.stage, spec.link.payload)]
+                    if not queue:
+                        break
+                    micro_batch, sent_at, transfer = queue.popleft()
+                    start = replay.clock
+                    timeline.append(replay.run(start, max(start, sent_at) + transfer - start, incoming=micro_batch))
                 moved = True
     blocked = [replay for replay in replays if not replay.finished]
     if blocked:
@@ -457,9 +462,16 @@ def _replay(
             finished = ", which has finished" if replays[peer].finished else ""
             waits.append(f"{replay.where()} waits for stage {peer}{finished}")
         raise ScheduleError(
-            f"deadlock under blocking send/receive: {'; '.join(waits)}. "
-            "Sends and receives must come in the same order on both ends of every link."
+            f"deadlock: {'; '.join(waits)}. A receive must match a send that its neighbour reaches without waiting "
+            "for this stage, in the same order on both ends of the link."
         )
+    for (receiver, payload), queue in posted.items():
+        if queue:
+            micro_batch = queue[0][0]
+            raise ScheduleError(
+                f"stage {receiver - 1 if payload == 'activation' else receiver + 1} sends micro-batch {micro_batch}'s "
+                f"{payload} to stage {receiver}, which never receives it"
+            )
     for replay in replays:
         replay.check_complete()
     timeline.sort(key=lambda event: (event.start, event.stage))

@@ -15,6 +15,7 @@ import json
 import statistics
 import time
 from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -208,7 +209,7 @@ def bubble_report(run: TracedRun, skip_steps: int = 1) -> BubbleReport:
     }
     forward = costs[_FORWARD_COST]
     backward = [sum(per_stage) for per_stage in zip(*(v for k, v in costs.items() if k != _FORWARD_COST))]
-    costs["send"] = min((e.end - e.start for e in events if e.name.startswith("Send")), default=0.0)
+    costs["send"] = transfer_time(run.timelines[key] for key in keys)
     predicted = simulate(run.schedule, run.stages, run.micro_batches, costs=costs).bubble_fraction
     return BubbleReport(
         run.stages,
@@ -221,6 +222,24 @@ def bubble_report(run: TracedRun, skip_steps: int = 1) -> BubbleReport:
         backward,
         costs["send"],
     )
+
+
+_SENDS = {"RecvActivation": ("SendActivation", -1), "RecvGrad": ("SendGrad", +1)}
+
+
+def transfer_time(timelines: Iterable[Sequence[TimelineEvent]]) -> float:
+    """The median time a tensor takes to arrive once both ends have reached the transfer: a receive ends that long
+    after the later of its own start and its send's (sends do not wait, so the send's end says nothing)."""
+    times = []
+    for timeline in timelines:
+        sends = {(e.stage, e.name, e.micro_batch): e for e in timeline if e.name.startswith("Send")}
+        for receive in timeline:
+            if receive.name in _SENDS:
+                name, peer = _SENDS[receive.name]
+                send = sends.get((receive.stage + peer, name, receive.micro_batch))
+                if send is not None:
+                    times.append(max(0.0, receive.end - max(receive.start, send.start)))
+    return statistics.median(times) if times else 0.0
 
 
 def _median_cost(run: TracedRun, keys: list[tuple[int, int]], names: set[str]) -> list[float]:

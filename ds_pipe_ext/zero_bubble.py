@@ -10,7 +10,6 @@ instead of 1F1B's (K-1)(T_F + T_B + T_W), about a third.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Iterator
 
 from deepspeed.runtime.pipe.schedule import (
@@ -34,18 +33,16 @@ __all__ = ["ZBH1Schedule"]
 
 FORWARD, BACKWARD_INPUT, BACKWARD_WEIGHT = "F", "B", "W"
 Pass = tuple[str, int]  # (kind, micro-batch)
-_WORK = 4  # a pass starting at a moment comes after the transfers of that moment
 
 
 @register_schedule("zb-h1")
 class ZBH1Schedule(PipeSchedule):
     """ZB-H1 on DeepSpeed's engine: 1F1B's forwards and B passes, with stage s's W passes deferred by s.
 
-    Each stage runs its passes in :meth:`passes` order. Where the transfers go in that stream is read off the
-    timeline all stages would follow with unit-time passes (the paper's T_F = T_B = T_W): a tensor moves at the
-    moment it is produced, and within one moment even stages talk to their next stage first and odd stages to their
-    previous one. Both ends of every link then list their transfers in the same global order, so DeepSpeed's
-    blocking sends and receives match and cannot deadlock, whatever the real pass times are.
+    Each stage runs its passes in :meth:`passes` order, receives right before the pass that needs the tensor and
+    sends right after the pass that made it. That placement relies on the engine's sends not blocking
+    (:class:`~ds_pipe_ext.engine.SchedulePipelineEngine`): with rendezvous sends, each transfer would stop both
+    stages until they meet, and the W passes would move those meetings instead of filling the bubble.
     """
 
     def passes(self, stage: int | None = None) -> list[Pass]:
@@ -65,79 +62,21 @@ class ZBH1Schedule(PipeSchedule):
         return order
 
     def steps(self) -> Iterator[list[PipeInstruction]]:
-        timeline = self._unit_time_timeline()
-        moments: dict[int, list[tuple[int, PipeInstruction]]] = defaultdict(list)
-        for (kind, micro_batch), (start, _) in timeline[self.stage_id].items():
-            moments[start].extend((_WORK, instruction) for instruction in self._work(kind, micro_batch))
-        for moment, rank, instruction in self._transfers(timeline):
-            moments[moment].append((rank, instruction))
-        for moment in sorted(moments):
-            yield [instruction for _, instruction in sorted(moments[moment], key=lambda item: item[0])]
+        for kind, micro_batch in self.passes():
+            buffer = self._buffer_idx(micro_batch)
+            if kind == FORWARD:
+                receive = [] if self.is_first_stage else [RecvActivation(buffer)]
+                load = [LoadMicroBatch(buffer)] if self.is_first_stage or self.is_last_stage else []
+                send = [] if self.is_last_stage else [SendActivation(buffer)]
+                yield [*receive, *load, ForwardPass(buffer), *send]
+            elif kind == BACKWARD_INPUT:
+                receive = [] if self.is_last_stage else [RecvGrad(buffer)]
+                send = [] if self.is_first_stage else [SendGrad(buffer)]
+                yield [*receive, BackwardInputPass(buffer), *send]
+            else:
+                yield [BackwardWeightPass(buffer)]
         yield [ReduceTiedGrads(), ReduceGrads(), OptimizerStep()]
 
     def num_pipe_buffers(self) -> int:
         """Every stage holds up to K micro-batches between forward and W; two buffers at least, as DeepSpeed."""
         return max(2, min(self.stages, self.micro_batches))
-
-    def _work(self, kind: str, micro_batch: int) -> list[PipeInstruction]:
-        buffer = self._buffer_idx(micro_batch)
-        if kind == BACKWARD_INPUT:
-            return [BackwardInputPass(buffer)]
-        if kind == BACKWARD_WEIGHT:
-            return [BackwardWeightPass(buffer)]
-        load = [LoadMicroBatch(buffer)] if self.is_first_stage or self.is_last_stage else []
-        return [*load, ForwardPass(buffer)]
-
-    def _transfers(self, timeline: list[dict[Pass, tuple[int, int]]]) -> list[tuple[int, int, PipeInstruction]]:
-        """(moment, rank within the moment, instruction) for every send and receive of this stage.
-
-        A tensor moves when the pass producing it ends. Within a moment an even stage talks to its next stage first
-        and an odd stage to its previous one, so both ends of a link reach it together; on a link, the activation
-        goes before the gradient.
-        """
-        stage = self.stage_id
-        next_link, previous_link = (0, 2) if stage % 2 == 0 else (2, 0)
-        transfers = []
-        for (kind, micro_batch), (_, end) in timeline[stage].items():
-            buffer = self._buffer_idx(micro_batch)
-            if kind == FORWARD and not self.is_last_stage:
-                transfers.append((end, next_link, SendActivation(buffer)))
-            if kind == BACKWARD_INPUT and not self.is_first_stage:
-                transfers.append((end, previous_link + 1, SendGrad(buffer)))
-        if not self.is_first_stage:
-            for (kind, micro_batch), (_, end) in timeline[stage - 1].items():
-                if kind == FORWARD:
-                    transfers.append((end, previous_link, RecvActivation(self._buffer_idx(micro_batch))))
-        if not self.is_last_stage:
-            for (kind, micro_batch), (_, end) in timeline[stage + 1].items():
-                if kind == BACKWARD_INPUT:
-                    transfers.append((end, next_link + 1, RecvGrad(self._buffer_idx(micro_batch))))
-        return transfers
-
-    def _unit_time_timeline(self) -> list[dict[Pass, tuple[int, int]]]:
-        """(start, end) of every pass of every stage when each pass takes one unit and waits for its input: a
-        forward for the previous stage's forward, a B for the next stage's B."""
-        orders = [self.passes(stage) for stage in range(self.stages)]
-        timeline: list[dict[Pass, tuple[int, int]]] = [{} for _ in range(self.stages)]
-        clock = [0] * self.stages
-        position = [0] * self.stages
-        progressed = True
-        while progressed:
-            progressed = False
-            for stage in range(self.stages):
-                while position[stage] < len(orders[stage]):
-                    kind, micro_batch = orders[stage][position[stage]]
-                    feeder = stage - 1 if kind == FORWARD else stage + 1 if kind == BACKWARD_INPUT else None
-                    ready = 0
-                    if feeder is not None and 0 <= feeder < self.stages:
-                        if (kind, micro_batch) not in timeline[feeder]:
-                            break
-                        ready = timeline[feeder][(kind, micro_batch)][1]
-                    start = max(clock[stage], ready)
-                    clock[stage] = start + 1
-                    timeline[stage][(kind, micro_batch)] = (start, start + 1)
-                    position[stage] += 1
-                    progressed = True
-        if position != [len(order) for order in orders]:
-            raise AssertionError(f"ZB-H1 pass orders deadlock at K={self.stages}, M={self.micro_batches}")
-        return timeline
