@@ -5,8 +5,9 @@
 The model is a stack of wide Linear layers split into two stages that take the same time per micro-batch under
 1F1B, so that the only idle time left is the pipeline's own. The layers are wide (4096) so that a pass takes about
 as long as it does in the models pipelines are for: at width 1024 a pass lasts a few ms on this CPU, and the fixed
-cost of each transfer and instruction (about 1 ms) hides the difference between the schedules. Both schedules train identical copies of it in
-the same processes, in alternating rounds, so that both see the same machine; every instruction is traced. After
+cost of each transfer and instruction (about 1 ms) hides the difference between the schedules. Both schedules
+train identical copies of it in the same processes, in alternating rounds, so that both see the same machine;
+every instruction is traced. After
 the timed rounds, one more batch of each runs with every allocation of 64 KiB or more given its own pages
 (``mallopt(M_MMAP_THRESHOLD)``), so that the resident set follows the live tensors: its peak during the pipelined
 part of the batch, above its level when the batch starts, is the peak memory reported per stage.

@@ -229,9 +229,9 @@ def simulate(
     schedule: str | type[PipeSchedule], stages: int, micro_batches: int, costs: Costs | None = None
 ) -> SimulationResult:
     """Validate ``schedule`` and time it: ``costs`` maps "forward", "backward" and "send" (one p2p transfer, from
-    when both ends have reached it, at the sending stage's value) to a number or one number per stage; other instructions take no time. Defaults:
-    :data:`DEFAULT_COSTS`. A schedule that splits the backward takes "backward_input" and "backward_weight", each
-    half of "backward" unless given."""
+    when both ends have reached it, at the sending stage's value) to a number or one number per stage; other
+    instructions take no time. Defaults: :data:`DEFAULT_COSTS`. A schedule that splits the backward takes
+    "backward_input" and "backward_weight", each half of "backward" unless given."""
     schedule_class = _schedule_class(schedule)
     if stages < 1 or micro_batches < 1:
         raise ValueError(f"need at least one stage and one micro-batch, got {stages=}, {micro_batches=}")
@@ -443,7 +443,9 @@ def _replay(
                 elif spec.link.sends:
                     receiver = replay.peer(spec.link)
                     sent = replay.run(replay.clock, 0.0)
-                    posted[(receiver, spec.link.payload)].append((sent.micro_batch, sent.start, costs[spec.cost][replay.stage]))
+                    posted[(receiver, spec.link.payload)].append(
+                        (sent.micro_batch, sent.start, costs[spec.cost][replay.stage])
+                    )
                     timeline.append(sent)
                 else:
                     replay.peer(spec.link)

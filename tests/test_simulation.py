@@ -101,7 +101,9 @@ def test_sends_do_not_wait_and_receives_end_a_transfer_after_both_ends_arrive(sc
         name, peer = pairs[send.name]
         assert send.end == send.start
         (receive,) = [
-            e for e in result.timeline if e.name == name and e.stage == send.stage + peer and e.micro_batch == send.micro_batch
+            e
+            for e in result.timeline
+            if e.name == name and e.stage == send.stage + peer and e.micro_batch == send.micro_batch
         ]
         assert receive.end == pytest.approx(max(receive.start, send.start) + send_cost[send.stage])
 
