@@ -8,7 +8,7 @@ backpropagate the wrong micro-batch (DeepSpeed issue 3900). ``SchedulePipelineEn
 own ``DualPipeVEngine`` does. Its sends do not block (below); everything else (receives, reduction, optimizer
 step) is DeepSpeed's.
 
-DeepSpeed's ``p2p.send`` blocks until the neighbour posts the matching receive (gloo and NCCL both rendezvous), so
+DeepSpeed's ``p2p.send`` blocks until the neighbour posts the matching receive (a rendezvous, on gloo at least), so
 every transfer stops both stages until they meet. A schedule that keeps a stage busy while its neighbour waits for
 nothing (zero-bubble's W passes) then loses that time at the next send. Here ``SendActivation`` and ``SendGrad``
 post an ``isend`` and go on; the tensors stay referenced until the send completes, and every send is complete
