@@ -53,7 +53,8 @@ class ActivationMemoryMeter:
                 self.live_bytes += storage.nbytes()
                 self.peak_bytes = max(self.peak_bytes, self.live_bytes)
             self._refs[key] = self._refs.get(key, 0) + 1
-        return _Saved(tensor, self, key)
+        # an alias: holding a node's own output (ReLU saves it) would make a cycle through the graph, never freed
+        return _Saved(tensor.detach(), self, key)
 
     @staticmethod
     def _unpack(saved):
