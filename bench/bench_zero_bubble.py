@@ -1,16 +1,21 @@
 """ZB-H1 against 1F1B on DeepSpeed's engine: measured bubble, samples/s and per-stage peak memory, one launch.
 
-    python bench/bench_zero_bubble.py            # launches itself on 2 CPU ranks; about 90 s, 6 GB of memory
+    python bench/bench_zero_bubble.py            # launches itself on 2 CPU ranks; about 3 minutes, 9 GB of memory
 
-The model is a stack of wide Linear layers split into two stages that take the same time per micro-batch under
-1F1B, so that the only idle time left is the pipeline's own. The layers are wide (4096) so that a pass takes about
-as long as it does in the models pipelines are for: at width 1024 a pass lasts a few ms on this CPU, and the fixed
-cost of each transfer and instruction (about 1 ms) hides the difference between the schedules. Both schedules
-train identical copies of it in the same processes, in alternating rounds, so that both see the same machine;
-every instruction is traced. After
-the timed rounds, one more batch of each runs with every allocation of 64 KiB or more given its own pages
-(``mallopt(M_MMAP_THRESHOLD)``), so that the resident set follows the live tensors: its peak during the pipelined
-part of the batch, above its level when the batch starts, is the peak memory reported per stage.
+The model is a stack of wide Linear layers, four per stage, split into two stages that take the same time per
+micro-batch under 1F1B, so that the only idle time left is the pipeline's own. Wide (4096), so that a pass takes
+about as long as in the models pipelines are for: at width 1024 a pass lasts a few ms on this CPU, and the fixed
+cost of each transfer and instruction (about 1 ms) hides the difference between the schedules. Four layers per
+stage, because ZB-H1's bubble assumes equal F, B and W times on every stage, and stage 0 has no input gradient to
+compute: its first layer has no B, which weighs less the more layers the stage has (the simulator, with per-layer
+costs: ZB-H1 / 1F1B bubble 0.45 with two layers per stage, 0.40 with four, 1/3 in the limit).
+
+Both schedules train identical copies of the model in the same processes, in alternating rounds, so that both
+see the same machine; every instruction is traced. After the timed rounds, alternating batches of each measure
+memory per stage (medians over those batches): the activations saved for backward, exactly
+(:class:`~ds_pipe_ext.memory.ActivationMemoryMeter`), with the gradients B leaves for W added at instruction
+boundaries; and the resident set, with every allocation of 64 KiB or more given its own pages
+(``mallopt(M_MMAP_THRESHOLD)``) so that it follows the live tensors, above its level when the batch starts.
 
 Writes bench/results/zero_bubble.{json,md} and the measured timelines docs/img/trace_{1f1b,zb-h1}.png.
 """
@@ -52,7 +57,7 @@ KEEP_FREED_MEMORY = {
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--width", type=int, default=4096, help="features of every Linear layer")
-    parser.add_argument("--depth", type=int, default=4, help="Linear + ReLU blocks (half per stage)")
+    parser.add_argument("--depth", type=int, default=8, help="Linear + ReLU blocks (half per stage)")
     parser.add_argument(
         "--input-width",
         type=int,
@@ -64,6 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--micro-batches", type=int, default=8, help="M, micro-batches per step")
     parser.add_argument("--rounds", type=int, default=4, help="alternations of the two schedules")
     parser.add_argument("--steps-per-round", type=int, default=3)
+    parser.add_argument("--memory-rounds", type=int, default=3, help="alternating batches measuring memory")
     parser.add_argument("--warmup-steps", type=int, default=2, help="untimed steps of each schedule first")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--img", type=Path, default=ROOT / "docs" / "img")
@@ -90,14 +96,20 @@ def resident_bytes() -> int:
         return int(statm.read().split()[1]) * resource.getpagesize()
 
 
-def make_tracer_sample_memory(tracer) -> None:
-    """After every instruction the tracer records, also note the resident set, for :func:`peak_memory`."""
+def make_tracer_sample_memory(engine) -> None:
+    """After every instruction the tracer records, also note the resident set and, while ``tracer.meter`` (an
+    :class:`~ds_pipe_ext.memory.ActivationMemoryMeter`) runs, the activation and held-gradient bytes."""
+    tracer = engine.tracer
     record = tracer.record
-    tracer.memory = []
+    tracer.memory, tracer.meter = [], None
 
     def record_and_sample(instruction, start, end):
         record(instruction, start, end)
-        tracer.memory.append((type(instruction).__name__, resident_bytes()))
+        held = 0
+        if tracer.meter is not None:
+            pending = [p for p in engine.pipe_buffers.get("pending_weight_grads", []) if p is not None]
+            held = tracer.meter.live_bytes + sum(p.nbytes() for p in pending)
+        tracer.memory.append((type(instruction).__name__, resident_bytes(), held))
 
     tracer.record = record_and_sample
 
@@ -132,14 +144,17 @@ def build_engines(args: argparse.Namespace) -> dict:
             schedule=schedule,
             trace_dir=str(args.trace_dir / schedule),
         )
-        make_tracer_sample_memory(engine.tracer)
+        make_tracer_sample_memory(engine)
         engines[schedule] = engine
     return engines
 
 
-def train(engines: dict, args: argparse.Namespace) -> dict[str, list[float]]:
-    """Warm-up steps, then alternating rounds; the seconds of every timed step, per schedule."""
+def train(engines: dict, args: argparse.Namespace) -> tuple[dict[str, list[float]], dict[str, dict[str, float]]]:
+    """Warm-up steps, then alternating rounds: the seconds of every timed step per schedule. Then alternating
+    memory batches: per schedule, the median of their peaks (MiB, see :func:`peak_memory`)."""
     import torch
+
+    from ds_pipe_ext.memory import ActivationMemoryMeter
 
     generator = torch.Generator().manual_seed(0)
     batch = (
@@ -152,26 +167,41 @@ def train(engines: dict, args: argparse.Namespace) -> dict[str, list[float]]:
             engine.train_batch(data)
     seconds: dict[str, list[float]] = {schedule: [] for schedule in SCHEDULES}
     for round_index in range(args.rounds):
-        order = SCHEDULES if round_index % 2 == 0 else SCHEDULES[::-1]
-        for schedule in order:
+        for schedule in SCHEDULES if round_index % 2 == 0 else SCHEDULES[::-1]:
             for _ in range(args.steps_per_round):
                 start = time.perf_counter()
                 engines[schedule].train_batch(data)
                 seconds[schedule].append(time.perf_counter() - start)
     libc = ctypes.CDLL("libc.so.6")
     libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
-    for engine in engines.values():
-        libc.malloc_trim(0)  # hand freed pages back, so that reusing them shows in the resident set again
-        engine.tracer.memory[:] = [("start", resident_bytes())]
-        engine.train_batch(data)
-    return seconds
+    peaks: dict[str, list[dict[str, float]]] = {schedule: [] for schedule in SCHEDULES}
+    for round_index in range(args.memory_rounds):
+        for schedule in SCHEDULES if round_index % 2 == 0 else SCHEDULES[::-1]:
+            engine = engines[schedule]
+            libc.malloc_trim(0)  # hand freed pages back, so that reusing them shows in the resident set again
+            engine.tracer.memory[:] = [("start", resident_bytes(), 0)]
+            with ActivationMemoryMeter(engine.module.parameters()) as meter:
+                engine.tracer.meter = meter
+                engine.train_batch(data)
+            engine.tracer.meter = None
+            peaks[schedule].append(peak_memory(engine.tracer.memory, meter))
+    return seconds, {
+        schedule: {key: statistics.median(peak[key] for peak in values) for key in values[0]}
+        for schedule, values in peaks.items()
+    }
 
 
-def peak_memory(samples: list[tuple[str, int]]) -> float:
-    """MiB: the highest resident set during the pipelined part of the batch, above its level at the start."""
-    (_, start), *during = samples
-    pipelined = itertools.takewhile(lambda sample: sample[0] not in TAIL, during)
-    return (max(rss for _, rss in pipelined) - start) / 2**20
+def peak_memory(samples: list[tuple[str, int, int]], meter) -> dict[str, float]:
+    """MiB, over the pipelined part of the batch: the most activation bytes saved for backward at once (exact,
+    from the meter), the most activations plus gradients held for W at an instruction boundary (exact), and the
+    highest resident set above its level at the start (everything: weights, gradients, temporaries; noisy)."""
+    (_, start, _), *during = samples
+    pipelined = list(itertools.takewhile(lambda sample: sample[0] not in TAIL, during))
+    return {
+        "activations": meter.peak_bytes / 2**20,
+        "activations_and_held_gradients": max(held for *_, held in pipelined) / 2**20,
+        "resident": (max(rss for _, rss, _ in pipelined) - start) / 2**20,
+    }
 
 
 def analyse(args: argparse.Namespace, seconds: dict, memory: dict) -> dict:
@@ -206,6 +236,7 @@ def analyse(args: argparse.Namespace, seconds: dict, memory: dict) -> dict:
                 schedule, run.stages, run.micro_batches, {**costs, "send": transfer}
             ).bubble_fraction,
             "bubble_unit_costs": simulate(schedule, run.stages, run.micro_batches).bubble_fraction,
+            "peak_buffers": simulate(schedule, run.stages, run.micro_batches).peak_buffers,
             "pass_ms_per_stage": {key: [v * 1e3 for v in value] for key, value in costs.items()},
             "transfer_ms": transfer * 1e3,
             "peak_memory_mib_per_stage": memory[schedule],
@@ -242,9 +273,10 @@ def write_report(args: argparse.Namespace, results: dict) -> None:
     ratios = {
         "bubble": zb["bubble_measured"] / one["bubble_measured"],
         "samples_per_s": zb["samples_per_s"] / one["samples_per_s"],
-        "peak_memory_per_stage": [
-            z / o if o else None for z, o in zip(zb["peak_memory_mib_per_stage"], one["peak_memory_mib_per_stage"])
-        ],
+        "peak_memory_per_stage": {
+            key: [z / o if o else None for z, o in zip(values, one["peak_memory_mib_per_stage"][key])]
+            for key, values in zb["peak_memory_mib_per_stage"].items()
+        },
     }
     record = {
         "setup": {
@@ -257,6 +289,7 @@ def write_report(args: argparse.Namespace, results: dict) -> None:
             "device": "cpu, 2 ranks, 1 thread each (gloo)",
             "rounds": args.rounds,
             "steps_per_round": args.steps_per_round,
+            "memory_rounds": args.memory_rounds,
         },
         "results": results,
         "zb_h1_over_1f1b": ratios,
@@ -304,12 +337,21 @@ def markdown(record: dict) -> str:
         ),
         ("bubble, simulator with F = B = W", f"{one['bubble_unit_costs']:.3f}", f"{zb['bubble_unit_costs']:.3f}", ""),
         (
-            "peak memory per stage (MiB above batch start)",
-            stages(one["peak_memory_mib_per_stage"], ".1f"),
-            stages(zb["peak_memory_mib_per_stage"], ".1f"),
-            stages([r for r in ratios["peak_memory_per_stage"] if r is not None], ".2f"),
+            "activation buffers held at once per stage (simulator)",
+            stages(one["peak_buffers"], "d"),
+            stages(zb["peak_buffers"], "d"),
+            "",
         ),
     ]
+    memory_rows = {
+        "activations": "peak activations saved for backward, MiB (exact)",
+        "activations_and_held_gradients": "peak activations + gradients held for W, MiB (exact)",
+        "resident": "peak resident set above batch start, MiB (everything; noisy)",
+    }
+    for key, name in memory_rows.items():
+        one_peaks, zb_peaks = one["peak_memory_mib_per_stage"][key], zb["peak_memory_mib_per_stage"][key]
+        ratio = [r for r in ratios["peak_memory_per_stage"][key] if r is not None]
+        rows.append((name, stages(one_peaks, ".1f"), stages(zb_peaks, ".1f"), stages(ratio, ".2f")))
     table = ["| | 1f1b | zb-h1 | zb-h1 / 1f1b |", "|---|---|---|---|"]
     table += [f"| {name} | {a} | {b} | {c} |" for name, a, b, c in rows]
     return "\n".join(
@@ -318,7 +360,8 @@ def markdown(record: dict) -> str:
             "",
             f"{setup['model']}, {setup['stages']} stages ({setup['partition']}), M = {setup['micro_batches']} "
             f"micro-batches of {setup['micro_batch_size']}, {setup['device']}; {setup['rounds']} alternating rounds "
-            f"of {setup['steps_per_round']} steps per schedule. Stage values are stage 0 / stage 1.",
+            f"of {setup['steps_per_round']} steps per schedule, then {setup['memory_rounds']} alternating batches "
+            "measuring memory (medians). Stage values are stage 0 / stage 1.",
             "",
             *table,
             "",
@@ -338,12 +381,12 @@ def main() -> None:
 
     deepspeed.init_distributed(dist_backend="gloo")
     engines = build_engines(args)
-    seconds = train(engines, args)
+    seconds, local_peaks = train(engines, args)
     memory = {}
     for schedule, engine in engines.items():
         peaks = [None] * dist.get_world_size()
-        dist.all_gather_object(peaks, peak_memory(engine.tracer.memory))
-        memory[schedule] = peaks
+        dist.all_gather_object(peaks, local_peaks[schedule])
+        memory[schedule] = {key: [peak[key] for peak in peaks] for key in peaks[0]}
         engine.save_trace()
     if dist.get_rank() == 0:
         write_report(args, analyse(args, seconds, memory))

@@ -59,6 +59,17 @@ class PendingWeightGrads:
 
     groups: list[_WeightGroup]
 
+    def nbytes(self) -> int:
+        """Bytes of the gradients held for W (each storage once): what deferring W costs besides the activations."""
+        storages = {
+            grad.untyped_storage().data_ptr(): grad.untyped_storage().nbytes()
+            for group in self.groups
+            for grads in group.grads
+            for grad in grads
+            if grad is not None
+        }
+        return sum(storages.values())
+
 
 def backward_input(
     outputs: Sequence[torch.Tensor],
