@@ -101,7 +101,7 @@ def test_cli_draws_deepspeeds_own_schedule_like_ours(capsys):
 
 def test_cli_errors(capsys):
     assert main(["schedule", "--schedule", "zigzag", "--stages", "2", "--micro-batches", "2"]) == 2
-    assert "1f1b, gpipe" in capsys.readouterr().err
+    assert "1f1b, 1f1b-split, gpipe, zb-h1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["schedule", "--stages", "2", "--micro-batches", "2", "--forward-cost", "fast"])
     assert "one per stage, like 1,1,2,1" in capsys.readouterr().err

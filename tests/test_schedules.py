@@ -70,9 +70,9 @@ def test_names_are_case_insensitive():
 
 
 def test_unknown_name_lists_the_registered_ones():
-    with pytest.raises(ValueError, match=r"unknown schedule 'pipedream'.*1f1b, gpipe"):
+    with pytest.raises(ValueError, match=r"unknown schedule 'pipedream'.*1f1b, 1f1b-split, gpipe, zb-h1"):
         get_schedule("pipedream")
-    with pytest.raises(ValueError, match=r"1f1b, gpipe"):
+    with pytest.raises(ValueError, match=r"1f1b, 1f1b-split, gpipe, zb-h1"):
         validate("pipedream", 2, 2)
 
 

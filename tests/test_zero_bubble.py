@@ -18,7 +18,7 @@ import ds_pipe_ext
 from ds_pipe_ext.schedules import get_schedule
 from ds_pipe_ext.simulation import simulate, validate
 from ds_pipe_ext.split_backward import backward_input, backward_weight, check_engine_can_split
-from ds_pipe_ext.zero_bubble import ZBH1Schedule
+from ds_pipe_ext.zero_bubble import SplitOneFOneBSchedule, ZBH1Schedule
 
 GRID = [(stages, micro_batches) for stages in range(1, 7) for micro_batches in range(1, 13)]
 
@@ -250,11 +250,27 @@ def test_memory_stays_within_1f1b_bounds():
             assert schedule.num_pipe_buffers() == max(2, zb.peak_buffers[stage])
 
 
+def test_1f1b_split_holds_1f1b_memory_on_every_stage_with_a_bubble_between_1f1b_and_zb_h1():
+    for stages, micro_batches in GRID:
+        validate("1f1b-split", stages, micro_batches)
+        split, one_f_one_b = simulate("1f1b-split", stages, micro_batches), simulate("1f1b", stages, micro_batches)
+        assert split.peak_buffers == one_f_one_b.peak_buffers
+        for stage in range(stages):
+            schedule = SplitOneFOneBSchedule(micro_batches=micro_batches, stages=stages, stage_id=stage)
+            assert schedule.num_pipe_buffers() == max(2, split.peak_buffers[stage])
+        if stages > 1 and micro_batches > 1:
+            zb = simulate("zb-h1", stages, micro_batches)
+            assert zb.bubble_fraction < split.bubble_fraction < one_f_one_b.bubble_fraction
+    equal = {"forward": 1, "backward_input": 1, "backward_weight": 1}
+    assert simulate("1f1b-split", 2, 8, equal).makespan == 26  # 1F1B: 27, ZB-H1: 25
+
+
 # Training, under DeepSpeed's launcher: zb-h1 against the oracle runs of tests/conftest.py (fp32, dropout 0).
 
 ZB_RUNS = {
     "zb-h1": (2, ["-p", "2", "--schedule", "zb-h1", "--partition", "manual:0,12,22"]),
     "zb-h1_pipe2_data2": (4, ["-p", "2", "--schedule", "zb-h1", "--partition", "uniform"]),
+    "1f1b-split": (2, ["-p", "2", "--schedule", "1f1b-split", "--partition", "manual:0,12,22"]),
 }
 
 
@@ -283,7 +299,7 @@ def losses(record: dict) -> list[float]:
 @pytest.mark.parametrize("run", ZB_RUNS)
 @pytest.mark.parametrize("reference", ["1f1b", "one_stage"])
 def test_zb_h1_losses_match_1f1b_and_one_stage(runs, run, reference):
-    assert runs[run]["schedule"] == "zb-h1" and len(losses(runs[run])) >= 5
+    assert runs[run]["schedule"] == ZB_RUNS[run][1][3] and len(losses(runs[run])) >= 5
     torch.testing.assert_close(
         torch.tensor(losses(runs[run])), torch.tensor(losses(runs[reference])), rtol=1e-5, atol=0
     )
