@@ -140,7 +140,9 @@ def check_engine_can_split(engine: Any) -> None:
     """Raise unless ``engine`` (a ``PipelineEngine``) trains in a way the split backward reproduces exactly.
 
     The split replaces DeepSpeed's fp32 backward of ZeRO stage 0; mixed precision and ZeRO add their own steps
-    around that backward (loss scaling, low-precision gradient copies, gradient hooks), which the halves skip.
+    around that backward (loss scaling, low-precision gradient copies, gradient hooks), which the halves skip. The
+    split schedules also need the engine's non-blocking sends, which partitioned or dynamically shaped
+    activations do not get.
     """
     unsupported = [
         name
@@ -149,13 +151,16 @@ def check_engine_can_split(engine: Any) -> None:
             ("bf16", engine.bfloat16_enabled()),
             (f"ZeRO stage {engine.zero_optimization_stage()}", engine.zero_optimization_stage() > 0),
             ("partitioned pipeline activations", engine.is_pipe_partitioned or engine.is_grad_partitioned),
+            # their activations go through DeepSpeed's blocking send, where zb-h1 and 1f1b-split would deadlock
+            ("dynamic activation shapes", engine.dynamic_shape),
         )
         if enabled
     ]
     if unsupported:
         raise ValueError(
-            f"split-backward schedules (zb-h1) run fp32 with ZeRO stage 0 only; this config enables "
-            f"{', '.join(unsupported)}: turn it off, or use schedule '1f1b'"
+            f"split-backward schedules (zb-h1, 1f1b-split) run fp32 with ZeRO stage 0 only, on activations of fixed "
+            f"shape that are not partitioned; this config enables {', '.join(unsupported)}: turn it off, or use "
+            "schedule '1f1b'"
         )
 
 

@@ -145,24 +145,27 @@ def test_splits_it_cannot_do_are_refused():
 
 
 def engine_config(**overrides) -> SimpleNamespace:
-    settings = {"fp16": False, "bf16": False, "zero": 0, "partitioned": False, **overrides}
+    settings = {"fp16": False, "bf16": False, "zero": 0, "partitioned": False, "dynamic": False, **overrides}
     return SimpleNamespace(
         fp16_enabled=lambda: settings["fp16"],
         bfloat16_enabled=lambda: settings["bf16"],
         zero_optimization_stage=lambda: settings["zero"],
         is_pipe_partitioned=settings["partitioned"],
         is_grad_partitioned=False,
+        dynamic_shape=settings["dynamic"],
     )
 
 
 def test_engines_the_split_cannot_reproduce_are_refused():
     check_engine_can_split(engine_config())
     with pytest.raises(
-        ValueError, match=r"fp32 with ZeRO stage 0 only; this config enables bf16, ZeRO stage 1: .*1f1b"
+        ValueError, match=r"fp32 with ZeRO stage 0 only, .*; this config enables bf16, ZeRO stage 1: .*1f1b"
     ):
         check_engine_can_split(engine_config(bf16=True, zero=1))
     with pytest.raises(ValueError, match="enables fp16"):
         check_engine_can_split(engine_config(fp16=True))
+    with pytest.raises(ValueError, match="enables dynamic activation shapes"):
+        check_engine_can_split(engine_config(dynamic=True))
 
 
 # The schedule.
