@@ -86,8 +86,10 @@ class ZBH1Schedule(PipeSchedule):
         yield [ReduceTiedGrads(), ReduceGrads(), OptimizerStep()]
 
     def num_pipe_buffers(self) -> int:
-        """Every stage holds up to K micro-batches between forward and W; two buffers at least, as DeepSpeed."""
-        return max(2, min(self.stages, self.micro_batches))
+        """1F1B's K - s micro-batches awaiting B, plus the W passes held back (ZB-H1: K on every stage); two
+        buffers at least, as DeepSpeed."""
+        in_flight = self.stages - self.stage_id + self.weight_delay(self.stage_id)
+        return max(2, min(in_flight, self.micro_batches))
 
 
 @register_schedule("1f1b-split")
@@ -101,6 +103,3 @@ class SplitOneFOneBSchedule(ZBH1Schedule):
 
     def weight_delay(self, stage: int) -> int:
         return 0
-
-    def num_pipe_buffers(self) -> int:
-        return max(2, min(self.stages - self.stage_id, self.micro_batches))
