@@ -222,6 +222,7 @@ def analyse(args: argparse.Namespace, seconds: dict, memory: dict) -> dict:
         }
         costs = {key: value for key, value in costs.items() if any(value)}
         transfer = transfer_time(run.timeline(step) for step in timed)
+        unit_costs = simulate(schedule, run.stages, run.micro_batches)
         makespans = [
             max(e.end for e in run.timeline(step)) - min(e.start for e in run.timeline(step)) for step in timed
         ]
@@ -235,8 +236,8 @@ def analyse(args: argparse.Namespace, seconds: dict, memory: dict) -> dict:
             "bubble_predicted_from_measured_costs": simulate(
                 schedule, run.stages, run.micro_batches, {**costs, "send": transfer}
             ).bubble_fraction,
-            "bubble_unit_costs": simulate(schedule, run.stages, run.micro_batches).bubble_fraction,
-            "peak_buffers": simulate(schedule, run.stages, run.micro_batches).peak_buffers,
+            "bubble_unit_costs": unit_costs.bubble_fraction,
+            "peak_buffers": unit_costs.peak_buffers,
             "pass_ms_per_stage": {key: [v * 1e3 for v in value] for key, value in costs.items()},
             "transfer_ms": transfer * 1e3,
             "peak_memory_mib_per_stage": memory[schedule],
