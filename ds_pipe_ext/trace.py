@@ -224,7 +224,14 @@ def bubble_report(run: TracedRun, skip_steps: int = 1) -> BubbleReport:
     )
 
 
-_SENDS = {"RecvActivation": ("SendActivation", -1), "RecvGrad": ("SendGrad", +1)}
+# receive -> (its send, where the sender is), from the instruction semantics the simulator uses
+_SENDS = {
+    receive.__name__: (send.__name__, spec.link.peer)
+    for receive, spec in INSTRUCTION_SPECS.items()
+    if spec.link is not None and not spec.link.sends
+    for send, send_spec in INSTRUCTION_SPECS.items()
+    if send_spec.link == spec.link.counterpart()
+}
 
 
 def transfer_time(timelines: Iterable[Sequence[TimelineEvent]]) -> float:
