@@ -12,10 +12,11 @@ costs: ZB-H1 / 1F1B bubble 0.45 with two layers per stage, 0.40 with four, 1/3 i
 
 Both schedules train identical copies of the model in the same processes, in alternating rounds, so that both
 see the same machine; every instruction is traced. After the timed rounds, alternating batches of each measure
-memory per stage (medians over those batches): the activations saved for backward, exactly
-(:class:`~ds_pipe_ext.memory.ActivationMemoryMeter`), with the gradients B leaves for W added at instruction
-boundaries; and the resident set, with every allocation of 64 KiB or more given its own pages
-(``mallopt(M_MMAP_THRESHOLD)``) so that it follows the live tensors, above its level when the batch starts.
+memory per stage (medians over those batches), all three exactly: the activations saved for backward
+(:class:`~ds_pipe_ext.memory.ActivationMemoryMeter`); those plus the gradients B leaves for W, at instruction
+boundaries; and every tensor byte the batch allocates and still holds (activations, gradients, transfers,
+temporaries), from the CPU allocator through PyTorch's profiler, as ``torch.cuda.max_memory_allocated`` would
+give it on a GPU.
 
 Writes bench/results/zero_bubble.{json,md} and the measured timelines docs/img/trace_{1f1b,zb-h1}.png.
 """
@@ -23,11 +24,9 @@ Writes bench/results/zero_bubble.{json,md} and the measured timelines docs/img/t
 from __future__ import annotations
 
 import argparse
-import ctypes
 import itertools
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -43,7 +42,7 @@ PASS_NAMES = {
     "backward_input": "BackwardInputPass",
     "backward_weight": "BackwardWeightPass",
 }
-M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+PIPELINED_MARK = "ds_pipe_ext.bench.pipelined"  # profiler marker after each instruction before the tail
 # glibc returns every freed block above 32 MiB to the OS and faults it in again on the next allocation: each
 # 64 MiB weight gradient of a pass would cost ~50 ms of page faults. Both schedules run with freed memory kept,
 # as PyTorch's caching allocator keeps it on GPUs.
@@ -91,25 +90,23 @@ def launch_self(argv: list[str]) -> int:
     return subprocess.call(cmd, env=env, cwd=ROOT)
 
 
-def resident_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * resource.getpagesize()
-
-
 def make_tracer_sample_memory(engine) -> None:
-    """After every instruction the tracer records, also note the resident set and, while ``tracer.meter`` (an
-    :class:`~ds_pipe_ext.memory.ActivationMemoryMeter`) runs, the activation and held-gradient bytes."""
+    """While ``tracer.meter`` (an :class:`~ds_pipe_ext.memory.ActivationMemoryMeter`) runs: after every instruction
+    before the batch's tail, note the activation and held-gradient bytes and mark the profiler's timeline."""
+    from torch.profiler import record_function
+
     tracer = engine.tracer
     record = tracer.record
-    tracer.memory, tracer.meter = [], None
+    tracer.held, tracer.meter = [], None
 
     def record_and_sample(instruction, start, end):
         record(instruction, start, end)
-        held = 0
-        if tracer.meter is not None:
-            pending = [p for p in engine.pipe_buffers.get("pending_weight_grads", []) if p is not None]
-            held = tracer.meter.live_bytes + sum(p.nbytes() for p in pending)
-        tracer.memory.append((type(instruction).__name__, resident_bytes(), held))
+        if tracer.meter is None or type(instruction).__name__ in TAIL:
+            return
+        pending = [p for p in engine.pipe_buffers.get("pending_weight_grads", []) if p is not None]
+        tracer.held.append(tracer.meter.live_bytes + sum(p.nbytes() for p in pending))
+        with record_function(PIPELINED_MARK):
+            pass
 
     tracer.record = record_and_sample
 
@@ -153,6 +150,7 @@ def train(engines: dict, args: argparse.Namespace) -> tuple[dict[str, list[float
     """Warm-up steps, then alternating rounds: the seconds of every timed step per schedule. Then alternating
     memory batches: per schedule, the median of their peaks (MiB, see :func:`peak_memory`)."""
     import torch
+    from torch.profiler import ProfilerActivity, profile
 
     from ds_pipe_ext.memory import ActivationMemoryMeter
 
@@ -172,35 +170,39 @@ def train(engines: dict, args: argparse.Namespace) -> tuple[dict[str, list[float
                 start = time.perf_counter()
                 engines[schedule].train_batch(data)
                 seconds[schedule].append(time.perf_counter() - start)
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
     peaks: dict[str, list[dict[str, float]]] = {schedule: [] for schedule in SCHEDULES}
     for round_index in range(args.memory_rounds):
         for schedule in SCHEDULES if round_index % 2 == 0 else SCHEDULES[::-1]:
             engine = engines[schedule]
-            libc.malloc_trim(0)  # hand freed pages back, so that reusing them shows in the resident set again
-            engine.tracer.memory[:] = [("start", resident_bytes(), 0)]
-            with ActivationMemoryMeter(engine.module.parameters()) as meter:
+            engine.tracer.held.clear()
+            profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            with ActivationMemoryMeter(engine.module.parameters()) as meter, profiler:
                 engine.tracer.meter = meter
                 engine.train_batch(data)
             engine.tracer.meter = None
-            peaks[schedule].append(peak_memory(engine.tracer.memory, meter))
+            peaks[schedule].append(peak_memory(engine.tracer.held, meter, profiler, args.trace_dir))
     return seconds, {
         schedule: {key: statistics.median(peak[key] for peak in values) for key in values[0]}
         for schedule, values in peaks.items()
     }
 
 
-def peak_memory(samples: list[tuple[str, int, int]], meter) -> dict[str, float]:
-    """MiB, over the pipelined part of the batch: the most activation bytes saved for backward at once (exact,
-    from the meter), the most activations plus gradients held for W at an instruction boundary (exact), and the
-    highest resident set above its level at the start (everything: weights, gradients, temporaries; noisy)."""
-    (_, start, _), *during = samples
-    pipelined = list(itertools.takewhile(lambda sample: sample[0] not in TAIL, during))
+def peak_memory(held: list[int], meter, profiler, scratch: Path) -> dict[str, float]:
+    """MiB, over the pipelined part of the batch: the most activation bytes saved for backward at once, the most
+    activations plus gradients held for W at an instruction boundary, and the most bytes allocated since the batch
+    began and not yet freed, within instructions too (everything: activations, gradients, temporaries)."""
+    path = scratch / f"memory_rank{os.environ['RANK']}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    profiler.export_chrome_trace(str(path))
+    events = json.loads(path.read_text())["traceEvents"]
+    pipelined_end = max(e["ts"] for e in events if e.get("name") == PIPELINED_MARK)
+    allocated = [
+        e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]" and e["ts"] <= pipelined_end
+    ]
     return {
         "activations": meter.peak_bytes / 2**20,
-        "activations_and_held_gradients": max(held for *_, held in pipelined) / 2**20,
-        "resident": (max(rss for _, rss, _ in pipelined) - start) / 2**20,
+        "activations_and_held_gradients": max(held) / 2**20,
+        "allocated": max(allocated, default=0) / 2**20,
     }
 
 
@@ -232,6 +234,10 @@ def analyse(args: argparse.Namespace, seconds: dict, memory: dict) -> dict:
             "samples_per_s_per_step": [samples / s for s in seconds[schedule]],
             "step_seconds_median": statistics.median(seconds[schedule]),
             "bubble_measured": statistics.fmean(statistics.fmean(fractions) for fractions in per_step),
+            "bubble_measured_per_round": [
+                statistics.fmean(statistics.fmean(fractions) for fractions in per_step[r : r + args.steps_per_round])
+                for r in range(0, len(per_step), args.steps_per_round)
+            ],
             "bubble_measured_per_stage": [statistics.fmean(column) for column in zip(*per_step)],
             "bubble_predicted_from_measured_costs": simulate(
                 schedule, run.stages, run.micro_batches, {**costs, "send": transfer}
@@ -273,6 +279,12 @@ def write_report(args: argparse.Namespace, results: dict) -> None:
         draw(result.pop("_run"), result["timeline_step"], schedule, args.img / f"trace_{schedule}.png")
     ratios = {
         "bubble": zb["bubble_measured"] / one["bubble_measured"],
+        "bubble_per_round": [z / o for z, o in zip(zb["bubble_measured_per_round"], one["bubble_measured_per_round"])],
+        "samples_per_s_per_round": [
+            statistics.median(zb["samples_per_s_per_step"][r : r + args.steps_per_round])
+            / statistics.median(one["samples_per_s_per_step"][r : r + args.steps_per_round])
+            for r in range(0, len(zb["samples_per_s_per_step"]), args.steps_per_round)
+        ],
         "samples_per_s": zb["samples_per_s"] / one["samples_per_s"],
         "peak_memory_per_stage": {
             key: [z / o if o else None for z, o in zip(values, one["peak_memory_mib_per_stage"][key])]
@@ -325,6 +337,14 @@ def markdown(record: dict) -> str:
             f"{ratios['bubble']:.3f}",
         ),
         (
+            "zb-h1 / 1f1b in each round: samples/s; bubble",
+            "",
+            "",
+            ", ".join(f"{r:.2f}" for r in ratios["samples_per_s_per_round"])
+            + "; "
+            + ", ".join(f"{r:.2f}" for r in ratios["bubble_per_round"]),
+        ),
+        (
             "bubble per stage, measured",
             stages(one["bubble_measured_per_stage"], ".3f"),
             stages(zb["bubble_measured_per_stage"], ".3f"),
@@ -334,6 +354,12 @@ def markdown(record: dict) -> str:
             "bubble, simulator with measured pass times",
             f"{one['bubble_predicted_from_measured_costs']:.3f}",
             f"{zb['bubble_predicted_from_measured_costs']:.3f}",
+            "",
+        ),
+        (
+            "compute per micro-batch, ms (F + B + W; the stages' balance)",
+            stages(compute_per_micro_batch(one), ".1f"),
+            stages(compute_per_micro_batch(zb), ".1f"),
             "",
         ),
         ("bubble, simulator with F = B = W", f"{one['bubble_unit_costs']:.3f}", f"{zb['bubble_unit_costs']:.3f}", ""),
@@ -347,7 +373,7 @@ def markdown(record: dict) -> str:
     memory_rows = {
         "activations": "peak activations saved for backward, MiB (exact)",
         "activations_and_held_gradients": "peak activations + gradients held for W, MiB (exact)",
-        "resident": "peak resident set above batch start, MiB (everything; noisy)",
+        "allocated": "peak tensor memory allocated during the batch, MiB (everything; exact)",
     }
     for key, name in memory_rows.items():
         one_peaks, zb_peaks = one["peak_memory_mib_per_stage"][key], zb["peak_memory_mib_per_stage"][key]
@@ -371,6 +397,10 @@ def markdown(record: dict) -> str:
             "",
         ]
     )
+
+
+def compute_per_micro_batch(result: dict) -> list[float]:
+    return [sum(stage) for stage in zip(*result["pass_ms_per_stage"].values())]
 
 
 def main() -> None:
