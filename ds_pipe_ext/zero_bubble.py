@@ -9,7 +9,7 @@ instead of 1F1B's (K-1)(T_F + T_B + T_W), about a third.
 
 That is the paper's memory claim: no stage above 1F1B's peak. Per stage it is more: the last stage holds K
 micro-batches instead of one. ``1f1b-split`` keeps 1F1B's memory on every stage by running each W right after
-its B, for a smaller gain.
+its B, for a smaller gain; no order of passes within that memory does better (docs/zero_bubble.md).
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@ paper's bubble and 1F1B's memory bound; training with it matches 1F1B and the 1-
 from __future__ import annotations
 
 import importlib
+import itertools
 import sys
+from collections.abc import Iterator
 from types import SimpleNamespace
 
 import pytest
@@ -16,7 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import ds_pipe_ext
 from ds_pipe_ext.schedules import get_schedule
-from ds_pipe_ext.simulation import simulate, validate
+from ds_pipe_ext.simulation import ScheduleError, simulate, validate
 from ds_pipe_ext.split_backward import backward_input, backward_weight, check_engine_can_split
 from ds_pipe_ext.zero_bubble import SplitOneFOneBSchedule, ZBH1Schedule
 
@@ -266,6 +268,60 @@ def test_1f1b_split_holds_1f1b_memory_on_every_stage_with_a_bubble_between_1f1b_
             assert zb.bubble_fraction < split.bubble_fraction < one_f_one_b.bubble_fraction
     equal = {"forward": 1, "backward_input": 1, "backward_weight": 1}
     assert simulate("1f1b-split", 2, 8, equal).makespan == 26  # 1F1B: 27, ZB-H1: 25
+
+
+def orders_within(micro_batches: int, cap: int) -> Iterator[list[tuple[str, int]]]:
+    """Every order of one stage's passes (each kind in micro-batch order, a micro-batch's F before its B before its
+    W) that never holds more than ``cap`` micro-batches between their F and their W."""
+
+    def extend(order: list[tuple[str, int]], f: int, b: int, w: int) -> Iterator[list[tuple[str, int]]]:
+        if w == micro_batches:
+            yield order
+        if f < micro_batches and f - w < cap:
+            yield from extend([*order, ("F", f)], f + 1, b, w)
+        if b < f:
+            yield from extend([*order, ("B", b)], f, b + 1, w)
+        if w < b:
+            yield from extend([*order, ("W", w)], f, b, w + 1)
+
+    return extend([], 0, 0, 0)
+
+
+def schedule_running(orders: tuple[list[tuple[str, int]], ...], micro_batches: int) -> type[ZBH1Schedule]:
+    """A schedule whose stage s runs ``orders[s]``, placing sends and receives as ZB-H1 does."""
+
+    class GivenOrders(ZBH1Schedule):
+        def passes(self, stage=None):
+            return orders[self.stage_id if stage is None else stage]
+
+        def num_pipe_buffers(self) -> int:
+            return micro_batches
+
+    return GivenOrders
+
+
+@pytest.mark.parametrize("stages, micro_batches", [(2, 4), (3, 3)])
+@pytest.mark.parametrize("f, b, w", [(1, 1, 1), (1, 2, 1), (2, 1, 1), (1, 1, 3)])
+def test_within_1f1b_memory_per_stage_no_order_of_passes_beats_1f1b_split(stages, micro_batches, f, b, w):
+    """Every order of passes holding at most 1F1B's K - s micro-batches on stage s, searched exhaustively, takes at
+    least M(F+B+W) + (K-1)(F+B), and 1f1b-split takes exactly that. Unless W > F + B, that leaves more than half of
+    1F1B's bubble: the per-stage memory bound and a halved bubble exclude each other (docs/zero_bubble.md)."""
+    costs = {"forward": f, "backward_input": b, "backward_weight": w, "backward": b + w}
+    caps = [min(stages - stage, micro_batches) for stage in range(stages)]
+    makespans = []
+    for orders in itertools.product(*(orders_within(micro_batches, cap) for cap in caps)):
+        try:
+            makespans.append(simulate(schedule_running(orders, micro_batches), stages, micro_batches, costs).makespan)
+        except ScheduleError:  # orders whose sends and receives cross deadlock
+            continue
+    bound = micro_batches * (f + b + w) + (stages - 1) * (f + b)
+    assert len(makespans) > 1
+    assert min(makespans) == bound
+    split, one_f_one_b = (simulate(name, stages, micro_batches, costs) for name in ("1f1b-split", "1f1b"))
+    assert split.makespan == bound
+    assert split.peak_buffers == one_f_one_b.peak_buffers == caps
+    if w <= f + b:
+        assert split.bubble_fraction > one_f_one_b.bubble_fraction / 2
 
 
 # Training, under DeepSpeed's launcher: zb-h1 against the oracle runs of tests/conftest.py (fp32, dropout 0).
