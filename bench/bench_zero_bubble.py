@@ -15,8 +15,8 @@ see the same machine; every instruction is traced. After the timed rounds, alter
 memory per stage (medians over those batches), all three exactly: the activations saved for backward
 (:class:`~ds_pipe_ext.memory.ActivationMemoryMeter`); those plus the gradients B leaves for W, at instruction
 boundaries; and every tensor byte the batch allocates and still holds (activations, gradients, transfers,
-temporaries), from the CPU allocator through PyTorch's profiler, as ``torch.cuda.max_memory_allocated`` would
-give it on a GPU.
+temporaries), from the CPU allocator through PyTorch's profiler: what ``torch.cuda.max_memory_allocated`` would
+show on a GPU, counted from the batch's start.
 
 Writes bench/results/zero_bubble.{json,md} and the measured timelines docs/img/trace_{1f1b,zb-h1}.png.
 """
