@@ -421,13 +421,10 @@ def main() -> None:
         engine.save_trace()
     if dist.get_rank() == 0:
         write_report(args, analyse(args, seconds, memory))
+    # Leaving gloo's process group to the interpreter's shutdown can abort a rank ("terminate called without an
+    # active exception"), and the launcher then kills rank 0 before it has written the report.
     dist.barrier()
-    # After PyTorch's profiler has run, about one interpreter exit in ten aborts ("terminate called without an
-    # active exception", a profiler thread destroyed at exit); the launcher then kills the other rank. Everything
-    # is written by now, so leave without running the exit-time destructors.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
