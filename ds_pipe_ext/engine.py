@@ -11,13 +11,15 @@ step) is DeepSpeed's.
 DeepSpeed's ``p2p.send`` blocks until the neighbour posts the matching receive (a rendezvous, on gloo at least), so
 every transfer stops both stages until they meet. A schedule that keeps a stage busy while its neighbour waits for
 nothing (zero-bubble's W passes) then loses that time at the next send. Here ``SendActivation`` and ``SendGrad``
-post an ``isend`` and go on; the tensors stay referenced until the send completes, and every send is complete
-before ``train_batch`` returns.
+post an ``isend`` and go on. Each send is waited for a few sends later, when the schedule guarantees it has
+arrived (:func:`send_window`), so that the tensors in flight stay bounded without ever
+waiting on a neighbour; every send is complete before ``train_batch`` returns.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from typing import Any
 
 import torch
@@ -37,6 +39,22 @@ from .split_backward import (
 )
 
 
+def send_window(
+    schedule_cls: type[ds_schedule.PipeSchedule], micro_batches: int, stages: int, sender: int, receiver: int
+) -> int:
+    """How many sends from ``sender`` to its neighbour ``receiver`` may be in flight: the send that many back is
+    sure to have arrived when the next is posted, so waiting for it never waits on the neighbour.
+
+    A stage sends micro-batch j's activation after its forward, which takes one of its n buffers; every activation
+    sent whose gradient has not come back still holds a buffer (``RecvGrad`` reads it), so the activation n sends
+    back has had its gradient, and had arrived. A stage sends j's input gradient after receiving j's activation,
+    which the previous stage (n' buffers) sent only after the gradient n' sends back had arrived. This holds for
+    every schedule :func:`~ds_pipe_ext.simulation.validate` accepts: its buffer rules are these.
+    """
+    owner = sender if receiver > sender else receiver
+    return schedule_cls(micro_batches=micro_batches, stages=stages, stage_id=owner).num_pipe_buffers()
+
+
 class SchedulePipelineEngine(PipelineEngine):
     """A ``PipelineEngine`` that trains with ``schedule_cls`` and keeps losses and gradients per buffer.
 
@@ -49,7 +67,8 @@ class SchedulePipelineEngine(PipelineEngine):
     def __init__(self, *args: Any, schedule_cls: type[ds_schedule.PipeSchedule], tracer: Any = None, **kwargs: Any):
         self.schedule_cls = schedule_cls
         self.tracer = tracer
-        self._pending_sends: list[Any] = []
+        self._pending_sends: dict[int, deque[list[Any]]] = {}  # per neighbour stage, one entry per send, in order
+        self._failed_batch: BaseException | None = None
         super().__init__(*args, **kwargs)
         for key in ("losses", "grads", "pending_weight_grads"):
             self.pipe_buffers[key] = [None] * self.num_pipe_buffers
@@ -150,17 +169,32 @@ class SchedulePipelineEngine(PipelineEngine):
         self.pipe_buffers["inputs"][buffer_id] = None
 
     def _isend(self, tensors: list[torch.Tensor], stage: int) -> None:
-        self._pending_sends = [work for work in self._pending_sends if not work.is_completed()]
+        sends = self._pending_sends.setdefault(stage, deque())
+        if len(sends) >= send_window(self.schedule_cls, self.micro_batches, self.num_stages, self.stage_id, stage):
+            for work in sends.popleft():
+                work.wait()  # arrived already: returns at once (gloo's is_completed() stays False until wait())
         rank = self.grid.stage_to_global(stage_id=stage)
-        self._pending_sends += [dist.isend(tensor, rank) for tensor in tensors]
+        sends.append([dist.isend(tensor, rank) for tensor in tensors])
 
     def _wait_for_sends(self) -> None:
-        for work in self._pending_sends:
-            work.wait()
-        self._pending_sends = []
+        for sends in self._pending_sends.values():
+            for works in sends:
+                for work in works:
+                    work.wait()
+        self._pending_sends.clear()
 
     def _exec_schedule(self, pipe_schedule: ds_schedule.PipeSchedule) -> None:
-        self._exec_instructions(pipe_schedule)
+        if self._failed_batch is not None:
+            raise RuntimeError(
+                "a previous batch failed part-way through the pipeline, so the stages are out of step; restart the "
+                "job (from a checkpoint)"
+            ) from self._failed_batch
+        try:
+            self._exec_instructions(pipe_schedule)
+        except BaseException as error:
+            self._failed_batch = error
+            self._pending_sends.clear()
+            raise
         self._wait_for_sends()
 
     def _exec_instructions(self, pipe_schedule: ds_schedule.PipeSchedule) -> None:

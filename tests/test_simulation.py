@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 
 import pytest
@@ -22,7 +23,8 @@ from deepspeed.runtime.pipe.schedule import (
     TrainSchedule,
 )
 
-from ds_pipe_ext.schedules import GPipeSchedule, available_schedules
+from ds_pipe_ext.engine import send_window
+from ds_pipe_ext.schedules import GPipeSchedule, available_schedules, get_schedule
 from ds_pipe_ext.simulation import ScheduleError, ideal_bubble_fraction, simulate, validate
 
 SCHEDULES = [*available_schedules(), TrainSchedule]
@@ -33,6 +35,39 @@ END = [ReduceTiedGrads(), ReduceGrads(), OptimizerStep()]
 
 def name_of(schedule: str | type[PipeSchedule]) -> str:
     return schedule if isinstance(schedule, str) else schedule.__name__
+
+
+LINKS = (("SendActivation", "RecvActivation", +1), ("SendGrad", "RecvGrad", -1))
+
+
+def sends_and_arrivals(timeline: list, sender: int, receiver: int, send: str, receive: str) -> tuple[list, list]:
+    """On one link, in order: when each send was posted, and when its tensor had arrived."""
+    posted = sorted(event.start for event in timeline if event.stage == sender and event.name == send)
+    arrived = sorted(event.end for event in timeline if event.stage == receiver and event.name == receive)
+    return posted, arrived
+
+
+@pytest.mark.parametrize("schedule", available_schedules())
+def test_the_send_the_engine_waits_for_has_always_arrived(schedule):
+    """Before posting a send, SchedulePipelineEngine waits for the one ``send_window`` sends back on that link;
+    under any pass times that one has arrived, so the engine never waits on its neighbour, as the simulator
+    assumes; one send fewer in flight would make some stage wait."""
+    rng = random.Random(0)
+    tight = False
+    for stages, micro_batches in GRID:
+        for _ in range(2):
+            costs = {key: [rng.uniform(0.1, 3.0) for _ in range(stages)] for key in ("forward", "backward", "send")}
+            timeline = simulate(schedule, stages, micro_batches, costs).timeline
+            for send, receive, direction in LINKS:
+                for sender in range(stages):
+                    receiver = sender + direction
+                    if not 0 <= receiver < stages:
+                        continue
+                    posted, arrived = sends_and_arrivals(timeline, sender, receiver, send, receive)
+                    window = send_window(get_schedule(schedule), micro_batches, stages, sender, receiver)
+                    assert all(arrived[k - window] <= posted[k] for k in range(window, len(posted)))
+                    tight |= any(arrived[k - window + 1] > posted[k] for k in range(window - 1, len(posted)))
+    assert tight
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES, ids=name_of)
