@@ -162,9 +162,7 @@ def engine_config(**overrides) -> SimpleNamespace:
 
 def test_engines_the_split_cannot_reproduce_are_refused():
     check_engine_can_split(engine_config(), backend="gloo")
-    with pytest.raises(
-        ValueError, match=r"fp32 with ZeRO stage 0 only, .*; this run has bf16, ZeRO stage 1: .*1f1b"
-    ):
+    with pytest.raises(ValueError, match=r"fp32 with ZeRO stage 0 only, .*; this run has bf16, ZeRO stage 1: .*1f1b"):
         check_engine_can_split(engine_config(bf16=True, zero=1), backend="gloo")
     with pytest.raises(ValueError, match="has fp16"):
         check_engine_can_split(engine_config(fp16=True), backend="gloo")
