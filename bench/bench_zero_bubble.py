@@ -165,14 +165,14 @@ def train(engines: dict, args: argparse.Namespace) -> tuple[dict[str, list[float
             engine.train_batch(data)
     seconds: dict[str, list[float]] = {schedule: [] for schedule in SCHEDULES}
     for round_index in range(args.rounds):
-        for schedule in SCHEDULES if round_index % 2 == 0 else SCHEDULES[::-1]:
+        for schedule in alternating(round_index):
             for _ in range(args.steps_per_round):
                 start = time.perf_counter()
                 engines[schedule].train_batch(data)
                 seconds[schedule].append(time.perf_counter() - start)
     peaks: dict[str, list[dict[str, float]]] = {schedule: [] for schedule in SCHEDULES}
     for round_index in range(args.memory_rounds):
-        for schedule in SCHEDULES if round_index % 2 == 0 else SCHEDULES[::-1]:
+        for schedule in alternating(round_index):
             engine = engines[schedule]
             engine.tracer.held.clear()
             profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
@@ -185,6 +185,11 @@ def train(engines: dict, args: argparse.Namespace) -> tuple[dict[str, list[float
         schedule: {key: statistics.median(peak[key] for peak in values) for key in values[0]}
         for schedule, values in peaks.items()
     }
+
+
+def alternating(round_index: int) -> tuple[str, ...]:
+    """The schedules in the order round ``round_index`` runs them: each goes first in every other round."""
+    return SCHEDULES if round_index % 2 == 0 else SCHEDULES[::-1]
 
 
 def peak_memory(held: list[int], meter, profiler, scratch: Path) -> dict[str, float]:

@@ -72,6 +72,11 @@ class SchedulePipelineEngine(PipelineEngine):
         super().__init__(*args, **kwargs)
         for key in ("losses", "grads", "pending_weight_grads"):
             self.pipe_buffers[key] = [None] * self.num_pipe_buffers
+        neighbours = [stage for stage in (self.stage_id - 1, self.stage_id + 1) if 0 <= stage < self.num_stages]
+        self._send_windows = {
+            stage: send_window(schedule_cls, self.micro_batches, self.num_stages, self.stage_id, stage)
+            for stage in neighbours
+        }
         split = (BackwardInputPass, BackwardWeightPass)
         if any(isinstance(cmd, split) for step in self._train_schedule() for cmd in step):
             check_engine_can_split(self)  # once, on every rank, before the first batch
@@ -170,7 +175,7 @@ class SchedulePipelineEngine(PipelineEngine):
 
     def _isend(self, tensors: list[torch.Tensor], stage: int) -> None:
         sends = self._pending_sends.setdefault(stage, deque())
-        if len(sends) >= send_window(self.schedule_cls, self.micro_batches, self.num_stages, self.stage_id, stage):
+        if len(sends) >= self._send_windows[stage]:
             for work in sends.popleft():
                 work.wait()  # arrived already: returns at once (gloo's is_completed() stays False until wait())
         rank = self.grid.stage_to_global(stage_id=stage)

@@ -429,7 +429,7 @@ def _replay(
         _StageReplay(schedule(micro_batches=micro_batches, stages=stages, stage_id=stage), micro_batches)
         for stage in range(stages)
     ]
-    posted: dict[tuple[int, str], deque[tuple[int, float, float]]] = defaultdict(deque)  # (to, payload) -> sends
+    posted: dict[tuple[int, int, str], deque[tuple[int, float, float]]] = defaultdict(deque)  # (from, to, payload)
     timeline: list[TimelineEvent] = []
     moved = True
     while moved:
@@ -443,13 +443,12 @@ def _replay(
                 elif spec.link.sends:
                     receiver = replay.peer(spec.link)
                     sent = replay.run(replay.clock, 0.0)
-                    posted[(receiver, spec.link.payload)].append(
+                    posted[(replay.stage, receiver, spec.link.payload)].append(
                         (sent.micro_batch, sent.start, costs[spec.cost][replay.stage])
                     )
                     timeline.append(sent)
                 else:
-                    replay.peer(spec.link)
-                    queue = posted[(replay.stage, spec.link.payload)]
+                    queue = posted[(replay.peer(spec.link), replay.stage, spec.link.payload)]
                     if not queue:
                         break
                     micro_batch, sent_at, transfer = queue.popleft()
@@ -467,12 +466,11 @@ def _replay(
             f"deadlock: {'; '.join(waits)}. A receive must match a send that its neighbour reaches without waiting "
             "for this stage, in the same order on both ends of the link."
         )
-    for (receiver, payload), queue in posted.items():
+    for (sender, receiver, payload), queue in posted.items():
         if queue:
-            micro_batch = queue[0][0]
             raise ScheduleError(
-                f"stage {receiver - 1 if payload == 'activation' else receiver + 1} sends micro-batch {micro_batch}'s "
-                f"{payload} to stage {receiver}, which never receives it"
+                f"stage {sender} sends micro-batch {queue[0][0]}'s {payload} to stage {receiver}, which never "
+                "receives it"
             )
     for replay in replays:
         replay.check_complete()

@@ -234,12 +234,15 @@ _SENDS = {
 }
 
 
+_SEND_NAMES = {send for send, _ in _SENDS.values()}
+
+
 def transfer_time(timelines: Iterable[Sequence[TimelineEvent]]) -> float:
     """The median time a tensor takes to arrive once both ends have reached the transfer: a receive ends that long
     after the later of its own start and its send's (sends do not wait, so the send's end says nothing)."""
     times = []
     for timeline in timelines:
-        sends = {(e.stage, e.name, e.micro_batch): e for e in timeline if e.name.startswith("Send")}
+        sends = {(e.stage, e.name, e.micro_batch): e for e in timeline if e.name in _SEND_NAMES}
         for receive in timeline:
             if receive.name in _SENDS:
                 name, peer = _SENDS[receive.name]

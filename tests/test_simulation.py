@@ -131,7 +131,7 @@ def test_timeline_respects_costs_and_dependencies(schedule):
 def test_sends_do_not_wait_and_receives_end_a_transfer_after_both_ends_arrive(schedule):
     send_cost = [0.5, 0.25, 0.0]
     result = simulate(schedule, 3, 4, {"send": send_cost})
-    pairs = {"SendActivation": ("RecvActivation", +1), "SendGrad": ("RecvGrad", -1)}
+    pairs = {send: (receive, direction) for send, receive, direction in LINKS}
     for send in (e for e in result.timeline if e.name in pairs):
         name, peer = pairs[send.name]
         assert send.end == send.start
