@@ -67,7 +67,7 @@ def main() -> None:
         f"AlexNet {args.image_size} px, micro-batch 8, K = 2 stages (uniform split), 2 CPU ranks; {machine()}.",
         f"Median of {args.steps} timed steps after 1 warm-up, mean over {args.rounds} interleaved rounds. "
         "Peak activation memory = the most bytes autograd keeps saved for backward at once on that stage "
-        "(`ds_pipe_ext.memory.ActivationMemoryMeter`).\n",
+        "(`ds_pipe_ext.observe.memory.ActivationMemoryMeter`).\n",
         table(["M", "schedule", "samples/s", "vs deepspeed", "stage 0 peak act. MiB", "stage 1 peak act. MiB"], rows),
     ]
     for m, s in summary.items():

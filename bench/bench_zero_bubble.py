@@ -13,7 +13,7 @@ costs: ZB-H1 / 1F1B bubble 0.45 with two layers per stage, 0.40 with four, 1/3 i
 Both schedules train identical copies of the model in the same processes, in alternating rounds, so that both
 see the same machine; every instruction is traced. After the timed rounds, alternating batches of each measure
 memory per stage (medians over those batches), all three exactly: the activations saved for backward
-(:class:`~ds_pipe_ext.memory.ActivationMemoryMeter`); those plus the gradients B leaves for W, at instruction
+(:class:`~ds_pipe_ext.observe.memory.ActivationMemoryMeter`); those plus the gradients B leaves for W, at instruction
 boundaries; and every tensor byte the batch allocates and still holds (activations, gradients, transfers,
 temporaries), from the CPU allocator through PyTorch's profiler: what ``torch.cuda.max_memory_allocated`` would
 show on a GPU, counted from the batch's start.
@@ -91,8 +91,9 @@ def launch_self(argv: list[str]) -> int:
 
 
 def make_tracer_sample_memory(engine) -> None:
-    """While ``tracer.meter`` (an :class:`~ds_pipe_ext.memory.ActivationMemoryMeter`) runs: after every instruction
-    before the batch's tail, note the activation and held-gradient bytes and mark the profiler's timeline."""
+    """While ``tracer.meter`` (an :class:`~ds_pipe_ext.observe.memory.ActivationMemoryMeter`) runs: after every
+    instruction before the batch's tail, note the activation and held-gradient bytes and mark the profiler's
+    timeline."""
     from torch.profiler import record_function
 
     tracer = engine.tracer
@@ -152,7 +153,7 @@ def train(engines: dict, args: argparse.Namespace) -> tuple[dict[str, list[float
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from ds_pipe_ext.memory import ActivationMemoryMeter
+    from ds_pipe_ext.observe.memory import ActivationMemoryMeter
 
     generator = torch.Generator().manual_seed(0)
     batch = (
@@ -214,8 +215,8 @@ def peak_memory(held: list[int], meter, profiler, scratch: Path) -> dict[str, fl
 def analyse(args: argparse.Namespace, seconds: dict, memory: dict) -> dict:
     """Per schedule: samples/s, measured bubble per stage over the timed steps, the simulator's prediction from
     the measured pass times, and per-stage peak memory."""
-    from ds_pipe_ext.simulation import simulate, stage_bubble_fractions
-    from ds_pipe_ext.trace import load_trace, transfer_time
+    from ds_pipe_ext.observe.simulation import simulate, stage_bubble_fractions
+    from ds_pipe_ext.observe.trace import load_trace, transfer_time
 
     timed = range(args.warmup_steps, args.warmup_steps + args.rounds * args.steps_per_round)
     samples = args.micro_batch * args.micro_batches
@@ -265,8 +266,8 @@ def median_pass_time(run, steps: range, stage: int, name: str) -> float:
 
 def draw(run, step: int, schedule: str, path: Path) -> None:
     """The measured timeline of one step; stage 0's B passes, which have nothing to compute, are left out."""
-    from ds_pipe_ext.draw import draw_timeline
-    from ds_pipe_ext.simulation import bubble_fraction
+    from ds_pipe_ext.observe.draw import draw_timeline
+    from ds_pipe_ext.observe.simulation import bubble_fraction
 
     events = run.timeline(step)
     title = (

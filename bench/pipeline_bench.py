@@ -27,10 +27,10 @@ from deepspeed import comm as dist
 from deepspeed.accelerator import get_accelerator
 
 import ds_pipe_ext
-from ds_pipe_ext.memory import ActivationMemoryMeter
-from ds_pipe_ext.models import build_model, join_layers
+from ds_pipe_ext.models.vision import build_model, join_layers
+from ds_pipe_ext.observe.memory import ActivationMemoryMeter
+from ds_pipe_ext.observe.trace import bubble_report, load_trace
 from ds_pipe_ext.topology import make_topology
-from ds_pipe_ext.trace import bubble_report, load_trace
 
 
 def reset_peak_rss() -> None:

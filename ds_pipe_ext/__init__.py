@@ -16,10 +16,12 @@ _LAZY = {
     "SchedulePipelineEngine": "ds_pipe_ext.engine",
     "get_schedule": "ds_pipe_ext.schedules",
     "register_schedule": "ds_pipe_ext.schedules",
-    "validate": "ds_pipe_ext.schedules",
-    "simulate": "ds_pipe_ext.schedules",
+    "available_schedules": "ds_pipe_ext.schedules",
+    "validate": "ds_pipe_ext.observe.simulation",
+    "simulate": "ds_pipe_ext.observe.simulation",
     "balance": "ds_pipe_ext.partition",
     "register_partition_method": "ds_pipe_ext.partition",
+    "available_partition_methods": "ds_pipe_ext.partition",
     "make_topology": "ds_pipe_ext.topology",
 }
 

@@ -77,18 +77,15 @@ def _add_schedule(sub) -> None:
 def _run_schedule(args: argparse.Namespace) -> int:
     import sys
 
-    from .draw import draw_schedule
-    from .simulation import ideal_bubble_fraction, simulate
+    from .observe.simulation import ideal_bubble_fraction, simulate
 
     schedule = args.schedule
-    if schedule.lower() == "deepspeed":
-        from deepspeed.runtime.pipe.schedule import TrainSchedule
-
-        schedule = TrainSchedule
     costs = {kind: getattr(args, f"{kind}_cost") for kind in ("forward", "backward", "send")}
     costs = {kind: value for kind, value in costs.items() if value is not None}
     try:
         if args.out:
+            from .observe.draw import draw_schedule
+
             result = draw_schedule(schedule, args.stages, args.micro_batches, args.out, costs)
         else:
             result = simulate(schedule, args.stages, args.micro_batches, costs)
@@ -120,8 +117,8 @@ def _add_trace(sub) -> None:
 def _run_trace(args: argparse.Namespace) -> int:
     import sys
 
-    from .draw import draw_timeline
-    from .trace import bubble_report, load_trace
+    from .observe.draw import draw_timeline
+    from .observe.trace import bubble_report, load_trace
 
     try:
         run = load_trace(args.trace)
@@ -177,7 +174,7 @@ def _run_plan(args: argparse.Namespace) -> int:
     import json
     import sys
 
-    from .models import build_layers, check_image_size, sample_batch
+    from .models.vision import build_layers, check_image_size, sample_batch
     from .partition import PartitionContext, compare_partitions, format_comparison
 
     try:

@@ -1,16 +1,18 @@
-"""Reading and checking a DeepSpeed config before any rank touches a collective.
+"""The user's choices, resolved once: the DeepSpeed config, the schedule, the batch sizes.
 
 DeepSpeed checks batch sizes inside the engine with a bare assertion, after process groups exist. These
-checks run first, on every rank, from the config alone, so a bad launch fails everywhere with one message.
+checks run first, on every rank, from the config alone, so a bad launch fails everywhere with one message. The
+schedule can be named in three places (``initialize(schedule=)``, the config, ``PipelineModule(schedule=)``);
+:func:`resolve_schedule` is the one place that decides which runs.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-#: The schedule name that means "DeepSpeed's untouched engine and its TrainSchedule".
-DEEPSPEED_BUILTIN = "deepspeed"
-DEFAULT_SCHEDULE = "1f1b"
+from .schedules.registry import DEFAULT_SCHEDULE, schedule_name
+
+__all__ = ["gradient_accumulation_steps", "load_config", "resolve_schedule"]
 
 
 def load_config(args: Any = None, config: Any = None) -> dict:
@@ -26,13 +28,35 @@ def load_config(args: Any = None, config: Any = None) -> dict:
     return dict(config) if isinstance(config, dict) else load_ds_config(config)
 
 
-def schedule_name(schedule: str | None, config: dict) -> str:
-    """The schedule to run: ``schedule``, else ``config["pipeline"]["schedule"]``, else 1F1B; checked."""
-    from .schedules import get_schedule
+def resolve_schedule(schedule: str | None, config: dict, module: Any = None, default: str = DEFAULT_SCHEDULE) -> str:
+    """The schedule the run uses: whichever of ``schedule``, ``config["pipeline"]["schedule"]`` and the module's
+    ``schedule`` is given (they must name the same one), else ``default``; checked against the registry.
 
-    name = (schedule or config.get("pipeline", {}).get("schedule") or DEFAULT_SCHEDULE).lower()
-    if name != DEEPSPEED_BUILTIN:
-        get_schedule(name)
+    A ``ds_pipe_ext.PipelineModule`` whose partition depended on the schedule (``memory`` counts the micro-batches
+    it keeps in flight) and was not told one planned for the default: a run with another schedule is refused.
+    """
+    named = {
+        where: schedule_name(value)
+        for where, value in (
+            ("initialize(schedule=...)", schedule),
+            ("the config's pipeline.schedule", config.get("pipeline", {}).get("schedule")),
+            ("PipelineModule(schedule=...)", getattr(module, "schedule", None)),
+        )
+        if value
+    }
+    (first_where, name), *others = named.items() or [("the default", default)]
+    for where, other in others:
+        if other != name:
+            raise ValueError(
+                f"the schedule is named twice, differently: {name!r} in {first_where} and {other!r} in {where}; "
+                "name it once, or the same in both places"
+            )
+    planned = getattr(module, "partition_schedule", None)
+    if planned is not None and planned != name:
+        raise ValueError(
+            f"PipelineModule's partition planned the activations of schedule {planned!r} (its default), but the run "
+            f"uses {name!r} ({first_where}): pass schedule={name!r} to PipelineModule"
+        )
     return name
 
 

@@ -19,6 +19,7 @@ from deepspeed.accelerator import get_accelerator
 from deepspeed.utils import logger
 
 from .partition import PartitionContext, SampleInput, get_partition_method, partition_report
+from .schedules import schedule_name
 
 _DEEPSPEED_INIT = inspect.signature(deepspeed.pipe.PipelineModule.__init__)
 
@@ -35,8 +36,9 @@ class PipelineModule(deepspeed.pipe.PipelineModule):
             returns one); ``flops``, ``memory`` and ``profile`` run the layers on its shapes.
         micro_batches: micro-batches per step (gradient accumulation steps), for ``memory`` (activations in
             flight) and ``profile`` (the optimizer step's share per micro-batch).
-        schedule: the schedule the engine will run (``ds_pipe_ext.schedules`` name, or ``"deepspeed"``), for the
-            activations in flight and the predicted step time.
+        schedule: the schedule the engine will run (a registered name, ``"deepspeed"`` included), for the
+            activations in flight and the predicted step time; default: none named, planned as 1F1B.
+            :func:`ds_pipe_ext.initialize` refuses a run whose schedule disagrees with it.
         memory_budget: bytes per device; ``memory`` then picks the fastest split that fits.
         profile_cache: a JSON file where ``profile`` keeps its measurements, so restarts agree and skip measuring.
     """
@@ -46,7 +48,7 @@ class PipelineModule(deepspeed.pipe.PipelineModule):
         *args: Any,
         sample_input: SampleInput | None = None,
         micro_batches: int | None = None,
-        schedule: str | None = "1f1b",
+        schedule: str | None = None,
         memory_budget: float | None = None,
         profile_cache: str | os.PathLike | None = None,
         **kwargs: Any,
@@ -62,13 +64,16 @@ class PipelineModule(deepspeed.pipe.PipelineModule):
             num_stages=num_stages,
             sample_input=sample_input,
             micro_batches=micro_batches,
-            schedule=schedule or "1f1b",
+            schedule=schedule and schedule_name(schedule),
             memory_budget=memory_budget,
             cache_path=profile_cache,
         )
         spec = get_partition_method(arguments["partition_method"])
         if num_stages is not None:  # else DeepSpeed raises its own error before any collective
             spec.check(self._partition_context)
+        #: The schedule named here, if any; and the one the partition planned for when it depended on one unnamed.
+        self.schedule = self._partition_context.schedule
+        self.partition_schedule: str | None = None
         super().__init__(*bound.args[1:], **bound.kwargs)
         self._mark_stage_parameters()
 
@@ -107,6 +112,8 @@ class PipelineModule(deepspeed.pipe.PipelineModule):
         if self.global_rank == 0:
             logger.info(f"Partitioning pipeline stages with method {spec}")
         self.parts = spec(ctx)
+        if ctx.depends_on_schedule and ctx.schedule is None:
+            self.partition_schedule = ctx.schedule_name
         self._check_ranks_agree()
         self.partition_report = partition_report(ctx, self.parts, method=str(spec))
         if self.global_rank == 0:

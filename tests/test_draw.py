@@ -8,12 +8,13 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from deepspeed.runtime.pipe.schedule import BackwardPass, ForwardPass, SendActivation
 from matplotlib.colors import to_rgb
 from matplotlib.image import imread
 
 from ds_pipe_ext.cli import main
-from ds_pipe_ext.draw import BOX_COLOURS, draw_schedule, draw_timeline
-from ds_pipe_ext.simulation import TimelineEvent, ideal_bubble_fraction, simulate
+from ds_pipe_ext.observe.draw import BOX_COLOURS, draw_schedule, draw_timeline
+from ds_pipe_ext.observe.simulation import TimelineEvent, ideal_bubble_fraction, simulate
 
 
 def pixels_of(image: np.ndarray, colour: str) -> int:
@@ -28,7 +29,7 @@ def test_png_shows_forward_and_backward_boxes_in_proportion(tmp_path):
     image = imread(path)
     height, width = image.shape[:2]
     assert width > 1000 and height > 300
-    forward, backward = pixels_of(image, BOX_COLOURS["ForwardPass"]), pixels_of(image, BOX_COLOURS["BackwardPass"])
+    forward, backward = pixels_of(image, BOX_COLOURS[ForwardPass]), pixels_of(image, BOX_COLOURS[BackwardPass])
     assert forward > 0.02 * height * width
     assert backward / forward == pytest.approx(2.0, rel=0.15)  # a backward costs two forwards by default
 
@@ -48,17 +49,17 @@ def test_svg_labels_every_box_with_its_micro_batch(tmp_path):
 def test_traced_timelines_in_seconds_are_drawn(tmp_path):
     events, clock = [], 1_700_000_000.0  # wall-clock seconds, as a tracer records them
     for micro_batch in range(3):
-        for stage, name, duration in (
-            (0, "ForwardPass", 0.0123),
-            (0, "SendActivation", 0.002),
-            (1, "ForwardPass", 0.02),
+        for stage, instruction, duration in (
+            (0, ForwardPass, 0.0123),
+            (0, SendActivation, 0.002),
+            (1, ForwardPass, 0.02),
         ):
-            events.append(TimelineEvent(stage, name, micro_batch, clock, clock + duration))
+            events.append(TimelineEvent(stage, instruction, micro_batch, clock, clock + duration))
             clock += duration
     path = draw_timeline(events, 2, tmp_path / "trace.png", title="measured", xlabel="seconds")
     image = imread(path)
-    assert pixels_of(image, BOX_COLOURS["ForwardPass"]) > 1000
-    assert pixels_of(image, BOX_COLOURS["BackwardPass"]) == 0
+    assert pixels_of(image, BOX_COLOURS[ForwardPass]) > 1000
+    assert pixels_of(image, BOX_COLOURS[BackwardPass]) == 0
 
 
 def test_unsupported_suffix_names_the_supported_ones(tmp_path):
@@ -101,7 +102,7 @@ def test_cli_draws_deepspeeds_own_schedule_like_ours(capsys):
 
 def test_cli_errors(capsys):
     assert main(["schedule", "--schedule", "zigzag", "--stages", "2", "--micro-batches", "2"]) == 2
-    assert "1f1b, 1f1b-split, gpipe, zb-h1" in capsys.readouterr().err
+    assert "1f1b, 1f1b-split, deepspeed, gpipe, zb-h1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["schedule", "--stages", "2", "--micro-batches", "2", "--forward-cost", "fast"])
     assert "one per stage, like 1,1,2,1" in capsys.readouterr().err

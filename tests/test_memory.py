@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ds_pipe_ext.memory import ActivationMemoryMeter
+from ds_pipe_ext.observe.memory import ActivationMemoryMeter
 
 
 def test_peak_grows_with_micro_batches_in_flight_and_falls_after_backward():

@@ -18,10 +18,8 @@ from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ds_pipe_ext import partition
 from ds_pipe_ext.cli import main
-from ds_pipe_ext.costs import LayerCosts, measure_layer_costs
-from ds_pipe_ext.models import build_layers
+from ds_pipe_ext.models.vision import build_layers
 from ds_pipe_ext.partition import (
     PartitionContext,
     available_partition_methods,
@@ -30,8 +28,9 @@ from ds_pipe_ext.partition import (
     min_max_split,
     partition_report,
     register_partition_method,
-    stage_memory,
+    registry,
 )
+from ds_pipe_ext.partition.costs import LayerCosts, measure_layer_costs
 
 
 def splits(n: int, k: int):
@@ -163,7 +162,7 @@ def every_other():
         return list(range(0, len(ctx.layers) + 1, int(arg)))
 
     yield method
-    del partition._METHODS["every_other_test"]
+    del registry._METHODS["every_other_test"]
 
 
 def test_a_registered_method_is_selectable_and_its_result_checked(every_other):
@@ -350,7 +349,7 @@ def memory_context(**overrides) -> PartitionContext:
 
 def test_memory_stage_bytes_are_static_plus_activations_in_flight():
     ctx = memory_context(schedule="gpipe", optimizer_state_bytes=12)
-    stats, memory = ctx.stats(), stage_memory(ctx)
+    stats, memory = ctx.stats(), ctx.stage_memory()
     layers = ctx.layers
     for stage, (start, stop) in enumerate([(0, 3), (3, 7), (7, 10)]):
         parameters = sum(p.numel() for layer in layers[start:stop] for p in layer.parameters())
@@ -361,13 +360,13 @@ def test_memory_stage_bytes_are_static_plus_activations_in_flight():
 def test_memory_without_budget_minimises_the_fullest_device():
     for schedule in ("1f1b", "gpipe"):
         ctx = memory_context(schedule=schedule)
-        memory = stage_memory(ctx)
+        memory = ctx.stage_memory()
         assert get_partition_method("memory")(ctx) == brute_force(10, 3, memory)[1]
 
 
 def test_memory_with_budget_is_the_fastest_split_that_fits():
     ctx = memory_context()
-    memory, stats = stage_memory(ctx), ctx.stats()
+    memory, stats = ctx.stage_memory(), ctx.stats()
     flops = [f + b for f, b in zip(stats.forward_flops, stats.backward_flops)]
     smallest, _ = brute_force(10, 3, memory)
     for budget in (smallest, smallest * 1.2, smallest * 2, 1e12):

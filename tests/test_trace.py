@@ -8,8 +8,10 @@ import pytest
 from deepspeed.runtime.pipe import schedule as ds
 
 from ds_pipe_ext.cli import main
-from ds_pipe_ext.schedules import get_schedule, simulate
-from ds_pipe_ext.trace import InstructionTracer, bubble_report, chrome_trace, load_trace
+from ds_pipe_ext.observe.simulation import simulate
+from ds_pipe_ext.observe.trace import InstructionTracer, bubble_report, chrome_trace, load_trace
+from ds_pipe_ext.schedules import get_schedule
+from ds_pipe_ext.schedules.instructions import transfer_runs
 
 COSTS = {"forward": [1.0, 1.5], "backward": [2.0, 2.5], "send": 0.1}
 
@@ -21,13 +23,18 @@ def traced_simulation(tmp_path, schedule: str, stages: int, micro_batches: int, 
     for stage in range(stages):
         tracer = InstructionTracer(tmp_path, schedule, rank=stage, stage=stage, replica=0)
         tracer.origin = 0.0
-        instructions = [cmd for step in get_schedule(schedule)(micro_batches, stages, stage) for cmd in step]
+        instructions = [
+            cmd
+            for step in get_schedule(schedule)(micro_batches, stages, stage)
+            for group in transfer_runs(step)
+            for cmd in group
+        ]
         for step in range(steps):
             offset = step * (result.makespan + 1)
             timed = iter(event for event in result.timeline if event.stage == stage)
             for cmd in instructions:
                 event = next(timed)
-                assert event.name == type(cmd).__name__
+                assert event.instruction is type(cmd)
                 tracer.record(cmd, offset + event.start, offset + event.end)
         ranks.append({"rank": stage, "stage": stage, "replica": 0, "events": tracer.events})
     (tmp_path / "trace.json").write_text(json.dumps(chrome_trace(ranks, schedule)))

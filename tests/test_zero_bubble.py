@@ -3,24 +3,22 @@ paper's bubble and 1F1B's memory bound; training with it matches 1F1B and the 1-
 
 from __future__ import annotations
 
-import importlib
 import itertools
-import sys
 from collections.abc import Iterator
 from types import SimpleNamespace
 
 import pytest
 import torch
+from deepspeed.runtime.pipe.schedule import BackwardPass, ForwardPass
 from launch import run_example
 from test_training import layer_weights
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-import ds_pipe_ext
-from ds_pipe_ext.schedules import get_schedule
-from ds_pipe_ext.simulation import ScheduleError, simulate, validate
-from ds_pipe_ext.split_backward import backward_input, backward_weight, check_engine_can_split
-from ds_pipe_ext.zero_bubble import SplitOneFOneBSchedule, ZBH1Schedule
+from ds_pipe_ext.engine.split_backward import backward_input, backward_weight, check_engine_can_split
+from ds_pipe_ext.observe.simulation import ScheduleError, simulate, validate
+from ds_pipe_ext.schedules import BackwardInputPass, ComputeOrderSchedule, Pass, get_schedule
+from ds_pipe_ext.schedules.zero_bubble import SplitOneFOneBSchedule, ZBH1Schedule
 
 GRID = [(stages, micro_batches) for stages in range(1, 7) for micro_batches in range(1, 13)]
 
@@ -188,13 +186,9 @@ def test_deepspeeds_activation_checkpointing_refuses_the_split():
 # The schedule.
 
 
-def test_zb_h1_is_registered_and_imports_first(monkeypatch):
+def test_zb_h1_is_registered():
     assert get_schedule("ZB-H1") is ZBH1Schedule
-    for name in ("schedules", "simulation", "split_backward", "zero_bubble"):
-        monkeypatch.delitem(sys.modules, f"ds_pipe_ext.{name}")
-        monkeypatch.delattr(ds_pipe_ext, name)
-    fresh = importlib.import_module("ds_pipe_ext.zero_bubble")
-    assert importlib.import_module("ds_pipe_ext.schedules").get_schedule("zb-h1") is fresh.ZBH1Schedule
+    assert get_schedule("1F1B-split") is SplitOneFOneBSchedule
 
 
 def test_zb_h1_is_valid_over_the_grid():
@@ -204,9 +198,9 @@ def test_zb_h1_is_valid_over_the_grid():
 
 def compute_order(schedule: str, stages: int, micro_batches: int, stage: int) -> list[tuple[str, int]]:
     """A stage's forwards and (input) backwards in the order it runs them, by micro-batch."""
-    kinds = {"ForwardPass": "F", "BackwardPass": "B", "BackwardInputPass": "B"}
+    kinds = {ForwardPass: "F", BackwardPass: "B", BackwardInputPass: "B"}
     timeline = simulate(schedule, stages, micro_batches).timeline
-    return [(kinds[e.name], e.micro_batch) for e in timeline if e.stage == stage and e.name in kinds]
+    return [(kinds[e.instruction], e.micro_batch) for e in timeline if e.stage == stage and e.instruction in kinds]
 
 
 @pytest.mark.parametrize("stages, micro_batches", [(2, 8), (4, 8), (4, 3), (5, 12)])
@@ -253,7 +247,7 @@ def peak_awaiting_b(timeline: list, stage: int) -> int:
     """Most micro-batches forwarded but not yet through B at once on ``stage``, from the simulated timeline."""
     waiting, peak = 0, 0
     for event in sorted((e for e in timeline if e.stage == stage), key=lambda e: e.start):
-        waiting += {"ForwardPass": 1, "BackwardInputPass": -1}.get(event.name, 0)
+        waiting += {ForwardPass: 1, BackwardInputPass: -1}.get(event.instruction, 0)
         peak = max(peak, waiting)
     return peak
 
@@ -285,29 +279,29 @@ def test_1f1b_split_holds_1f1b_memory_on_every_stage_with_a_bubble_between_1f1b_
     assert simulate("1f1b-split", 2, 8, equal).makespan == 26  # 1F1B: 27, ZB-H1: 25
 
 
-def orders_within(micro_batches: int, cap: int) -> Iterator[list[tuple[str, int]]]:
+def orders_within(micro_batches: int, cap: int) -> Iterator[list[Pass]]:
     """Every order of one stage's passes (each kind in micro-batch order, a micro-batch's F before its B before its
     W) that never holds more than ``cap`` micro-batches between their F and their W."""
 
-    def extend(order: list[tuple[str, int]], f: int, b: int, w: int) -> Iterator[list[tuple[str, int]]]:
+    def extend(order: list[Pass], f: int, b: int, w: int) -> Iterator[list[Pass]]:
         if w == micro_batches:
             yield order
         if f < micro_batches and f - w < cap:
-            yield from extend([*order, ("F", f)], f + 1, b, w)
+            yield from extend([*order, Pass("F", f)], f + 1, b, w)
         if b < f:
-            yield from extend([*order, ("B", b)], f, b + 1, w)
+            yield from extend([*order, Pass("I", b)], f, b + 1, w)
         if w < b:
-            yield from extend([*order, ("W", w)], f, b, w + 1)
+            yield from extend([*order, Pass("W", w)], f, b, w + 1)
 
     return extend([], 0, 0, 0)
 
 
-def schedule_running(orders: tuple[list[tuple[str, int]], ...], micro_batches: int) -> type[ZBH1Schedule]:
-    """A schedule whose stage s runs ``orders[s]``, placing sends and receives as ZB-H1 does."""
+def schedule_running(orders: tuple[list[Pass], ...], micro_batches: int) -> type[ComputeOrderSchedule]:
+    """A schedule whose stage s runs ``orders[s]``, lowered as every compute order is."""
 
-    class GivenOrders(ZBH1Schedule):
-        def passes(self, stage=None):
-            return orders[self.stage_id if stage is None else stage]
+    class GivenOrders(ComputeOrderSchedule):
+        def order(self):
+            return orders[self.stage_id]
 
         def num_pipe_buffers(self) -> int:
             return micro_batches
@@ -381,10 +375,11 @@ def test_zb_h1_losses_match_1f1b_and_one_stage(runs, run, reference):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("run", ZB_RUNS)
-@pytest.mark.parametrize("reference", ["1f1b", "one_stage"])
-def test_zb_h1_final_weights_match_1f1b_and_one_stage(runs, run, reference):
-    """Per tensor, in norm, as tests/test_training.py compares: where micro-batch gradients are summed in another
-    order (another data-parallel degree), Adam turns the last bits into ~1e-5 on weights whose gradient is ~0."""
+def test_zb_h1_final_weights_match_the_run_that_sums_gradients_alike(runs, run):
+    """Per tensor, in norm, as tests/test_training.py compares, against 1f1b on one replica (8 micro-batches
+    summed) or the 1-stage run on two (4 each, all-reduced): summed in another order, the last bits differ, and
+    Adam turns that into up to ~3e-5 on weights whose gradient is ~0."""
+    reference = "1f1b" if runs[run]["data_parallel_size"] == 1 else "one_stage"
     weights, expected = layer_weights(runs[run]["checkpoint"]), layer_weights(runs[reference]["checkpoint"])
     assert expected and weights.keys() == expected.keys()
     for key, tensor in weights.items():

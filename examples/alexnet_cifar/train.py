@@ -28,11 +28,11 @@ from deepspeed.constants import default_pg_timeout
 
 import ds_pipe_ext
 from ds_pipe_ext.checkpoint import check_checkpoint, load_checkpoint, read_checkpoint, repeating_loader, save_checkpoint
-from ds_pipe_ext.config import gradient_accumulation_steps, load_config, schedule_name
-from ds_pipe_ext.models import MODELS, build_model, check_image_size, join_layers, sample_batch
+from ds_pipe_ext.config import gradient_accumulation_steps, load_config, resolve_schedule
+from ds_pipe_ext.models.vision import MODELS, build_model, check_image_size, join_layers, sample_batch
+from ds_pipe_ext.observe.trace import bubble_report, load_trace
 from ds_pipe_ext.partition import PartitionContext, get_partition_method
 from ds_pipe_ext.topology import describe, make_topology
-from ds_pipe_ext.trace import bubble_report, load_trace
 from ds_pipe_ext.watchdog import PeerWatchdog
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -127,7 +127,7 @@ class RunPlan:
         if self.pipe:
             self.topology = make_topology(self.world_size, self.pipe)
             self.data_parallel = self.world_size // self.pipe
-            self.schedule = schedule_name(args.schedule, self.config)
+            self.schedule = resolve_schedule(args.schedule, self.config)
             if args.trace and self.schedule == "deepspeed":
                 raise ValueError(
                     "--trace times instructions in ds_pipe_ext's engine: use --schedule 1f1b (the same "

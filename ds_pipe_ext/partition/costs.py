@@ -23,7 +23,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from functools import cached_property, partial
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -32,8 +32,22 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.flop_counter import FlopCounterMode
 
-if TYPE_CHECKING:
-    from .partition import PartitionContext
+
+class CostInputs(Protocol):
+    """What measuring needs to know (a :class:`~ds_pipe_ext.partition.context.PartitionContext` has it all)."""
+
+    layers: Sequence[Any]
+    device: str | torch.device
+    micro_batches: int | None
+    repeats: int
+    seconds_per_byte: float | None
+    cache_path: str | os.PathLike | None
+    measure: Callable[[Any], LayerCosts] | None
+
+    def sample(self) -> Any: ...
+
+    def require(self, name: str, needed_by: str) -> Any: ...
+
 
 #: Bytes of the tensor a link measurement sends.
 _PROBE_BYTES = 4 << 20
@@ -171,7 +185,7 @@ def _count_on_meta(
     return out, forward.get_total_flops(), backward.get_total_flops(), activations
 
 
-def measure_layer_costs(ctx: PartitionContext) -> LayerCosts:
+def measure_layer_costs(ctx: CostInputs) -> LayerCosts:
     """Seconds per micro-batch of every layer on ``ctx.device``, as this rank sees them (no averaging).
 
     Each layer runs forward and backward ``ctx.repeats`` times after one warm-up, on a copy (the user's modules
@@ -181,7 +195,7 @@ def measure_layer_costs(ctx: PartitionContext) -> LayerCosts:
     each layer together, so they compete for the machine as they will in training.
     """
     device = torch.device(ctx.device)
-    micro_batches = ctx.require("micro_batches", "profile")
+    micro_batches = ctx.require("micro_batches", "partition method 'profile'")
     per_byte = ctx.seconds_per_byte if ctx.seconds_per_byte is not None else _link_seconds_per_byte(device)
     costs: dict[str, list[float]] = {"forward": [], "backward": [], "step": [], "cut": []}
     x = _map_tensors(ctx.sample(), lambda t: t.detach().to(device))
@@ -200,7 +214,7 @@ def measure_layer_costs(ctx: PartitionContext) -> LayerCosts:
     return LayerCosts(**costs, unit="s")
 
 
-def shared_layer_costs(ctx: PartitionContext) -> LayerCosts:
+def shared_layer_costs(ctx: CostInputs) -> LayerCosts:
     """Measured layer costs that every rank agrees on, bit for bit: each rank measures (``ctx.measure``, default
     :func:`measure_layer_costs`), the ranks average, and rank 0's result is broadcast.
 
@@ -219,7 +233,7 @@ def shared_layer_costs(ctx: PartitionContext) -> LayerCosts:
     return costs
 
 
-def fingerprint(ctx: PartitionContext) -> str:
+def fingerprint(ctx: CostInputs) -> str:
     """What measured costs depend on, hashed: the cache key."""
     world_size = dist.get_world_size() if _distributed() else 1
     description = {

@@ -4,7 +4,8 @@ DeepSpeed's engine trusts its schedule: a receive without its send hangs the job
 silently trains on the wrong activations. Replaying the streams of all stages together, as
 :class:`~ds_pipe_ext.engine.SchedulePipelineEngine` runs them (sends do not wait; receives wait for their send),
 turns those failures into a :class:`ScheduleError` that names the stage, step and instruction, and yields the
-timeline the schedule would produce for given per-stage costs.
+timeline the schedule would produce for given per-stage costs. Each step runs as the engine runs it
+(:func:`~ds_pipe_ext.schedules.instructions.transfer_runs`): a run of sends and receives posts its sends first.
 
 What each instruction does is declared once, in :data:`INSTRUCTION_SPECS`; a new instruction (say, the two halves of
 a split backward) is taught to the simulator by adding an entry there and, if it has its own cost, a default to
@@ -14,9 +15,8 @@ a split backward) is taught to the simulator by adding an entry there and, if it
 from __future__ import annotations
 
 from collections import defaultdict, deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Union
 
 from deepspeed.runtime.pipe.schedule import (
     BackwardPass,
@@ -33,7 +33,8 @@ from deepspeed.runtime.pipe.schedule import (
     SendGrad,
 )
 
-from ds_pipe_ext.split_backward import BackwardInputPass, BackwardWeightPass
+from ..schedules import BackwardInputPass, BackwardWeightPass, get_schedule
+from ..schedules.instructions import transfer_runs
 
 __all__ = [
     "DEFAULT_COSTS",
@@ -50,7 +51,7 @@ __all__ = [
     "validate",
 ]
 
-Costs = Mapping[str, Union[float, Sequence[float]]]
+Costs = Mapping[str, float | Sequence[float]]
 
 
 class ScheduleError(ValueError):
@@ -106,6 +107,7 @@ class InstructionSpec:
     loads: bool = False
     cost: str | None = None  # key of DEFAULT_COSTS; a receive takes the sender's "send" cost
     compute: bool = False  # counts as busy time for the bubble
+    first_waits: bool = False  # the first send on a link waits for its receive (DeepSpeed's send with the shapes)
     end_of_batch: bool = False  # must come after all work, in the order of INSTRUCTION_SPECS, once each
 
 
@@ -120,7 +122,9 @@ INSTRUCTION_SPECS: dict[type[PipeInstruction], InstructionSpec] = {
     ForwardPass: InstructionSpec(
         work=("forward",), reads=("batch", "input"), writes=("output",), cost="forward", compute=True
     ),
-    SendActivation: InstructionSpec(work=("send_activation",), reads=("output",), link=_SEND_ACTIVATION, cost="send"),
+    SendActivation: InstructionSpec(
+        work=("send_activation",), reads=("output",), link=_SEND_ACTIVATION, cost="send", first_waits=True
+    ),
     RecvGrad: InstructionSpec(
         work=("recv_grad",), reads=("output",), writes=("grad",), link=_SEND_GRAD.counterpart(), cost="send"
     ),
@@ -163,13 +167,17 @@ _HALF_OF_BACKWARD = ("backward_input", "backward_weight")
 
 @dataclass(frozen=True)
 class TimelineEvent:
-    """One instruction executed by one stage, named after its DeepSpeed class (simulated or traced)."""
+    """One instruction executed by one stage (simulated or traced)."""
 
     stage: int
-    name: str
+    instruction: type[PipeInstruction]
     micro_batch: int | None
     start: float
     end: float
+
+    @property
+    def name(self) -> str:
+        return self.instruction.__name__
 
 
 @dataclass(frozen=True)
@@ -197,16 +205,21 @@ def ideal_bubble_fraction(stages: int, micro_batches: int) -> float:
 
 def stage_bubble_fractions(timeline: Sequence[TimelineEvent], stages: int) -> list[float]:
     """Per stage, the share of the whole run's span it spends outside compute: idle, waiting or communicating."""
-    compute = {cls.__name__ for cls, spec in INSTRUCTION_SPECS.items() if spec.compute}
     if not timeline:
         return [0.0] * stages
     start = min(event.start for event in timeline)
     span = max(event.end for event in timeline) - start
     busy = [0.0] * stages
     for event in timeline:
-        if event.name in compute:
+        if is_compute(event.instruction):
             busy[event.stage] += event.end - event.start
     return [1.0 - time / span if span > 0 else 0.0 for time in busy]
+
+
+def is_compute(instruction: type[PipeInstruction]) -> bool:
+    """Whether ``instruction`` is a pass (forward or backward), the time that counts as busy."""
+    spec = INSTRUCTION_SPECS.get(instruction)
+    return spec is not None and spec.compute
 
 
 def bubble_fraction(timeline: Sequence[TimelineEvent], stages: int) -> float:
@@ -241,8 +254,6 @@ def simulate(
 
 def _schedule_class(schedule: str | type[PipeSchedule]) -> type[PipeSchedule]:
     if isinstance(schedule, str):
-        from ds_pipe_ext.schedules import get_schedule  # late: ds_pipe_ext.schedules imports this module
-
         return get_schedule(schedule)
     if isinstance(schedule, type) and issubclass(schedule, PipeSchedule):
         return schedule
@@ -274,7 +285,12 @@ class _StageReplay:
         self.is_first = schedule.stage_id == 0
         self.is_last = schedule.stage_id == schedule.stages - 1
         self.num_buffers = schedule.num_pipe_buffers()
-        self.stream = [(step, instruction) for step, step_cmds in enumerate(schedule) for instruction in step_cmds]
+        self.stream = [
+            (step, instruction)
+            for step, step_cmds in enumerate(schedule)
+            for group in transfer_runs(step_cmds)
+            for instruction in group
+        ]
         self.position = 0
         self.clock = 0.0
         self.slots = {name for name, slot in SLOTS.items() if slot.exists(self.is_first, self.is_last)}
@@ -317,7 +333,7 @@ class _StageReplay:
             self._end_batch()
         self.position += 1
         self.clock = start + duration
-        return TimelineEvent(self.stage, type(instruction).__name__, micro_batch, start, self.clock)
+        return TimelineEvent(self.stage, type(instruction), micro_batch, start, self.clock)
 
     def _applies(self, spec: InstructionSpec) -> bool:
         return (spec.link is None or self._has_peer(spec.link)) and set(spec.writes) <= self.slots
@@ -423,13 +439,15 @@ def _replay(
 
     A stage runs local instructions back to back. A send posts its tensor and goes on, as the engine's ``isend``
     does; a receive waits until its neighbour has posted the matching send, and the transfer then takes the
-    sender's "send" cost. When no stage can move and some have not finished, the schedule deadlocks.
+    sender's "send" cost. The first activation on each link goes through DeepSpeed's send, which waits for the
+    receive. When no stage can move and some have not finished, the schedule deadlocks.
     """
     replays = [
         _StageReplay(schedule(micro_batches=micro_batches, stages=stages, stage_id=stage), micro_batches)
         for stage in range(stages)
     ]
     posted: dict[tuple[int, int, str], deque[tuple[int, float, float]]] = defaultdict(deque)  # (from, to, payload)
+    links_used: set[tuple[int, int, str]] = set()
     timeline: list[TimelineEvent] = []
     moved = True
     while moved:
@@ -441,11 +459,19 @@ def _replay(
                     duration = costs[spec.cost][replay.stage] if spec.cost else 0.0
                     timeline.append(replay.run(replay.clock, duration))
                 elif spec.link.sends:
-                    receiver = replay.peer(spec.link)
-                    sent = replay.run(replay.clock, 0.0)
-                    posted[(replay.stage, receiver, spec.link.payload)].append(
-                        (sent.micro_batch, sent.start, costs[spec.cost][replay.stage])
-                    )
+                    link = (replay.stage, replay.peer(spec.link), spec.link.payload)
+                    transfer = costs[spec.cost][replay.stage]
+                    if spec.first_waits and link not in links_used:
+                        receiver = replays[link[1]]
+                        if receiver.finished or posted[link] or receiver.current()[1].link != spec.link.counterpart():
+                            break
+                        end = max(replay.clock, receiver.clock) + transfer
+                        sent = replay.run(replay.clock, end - replay.clock)
+                        timeline.append(receiver.run(receiver.clock, end - receiver.clock, incoming=sent.micro_batch))
+                    else:
+                        sent = replay.run(replay.clock, 0.0)
+                        posted[link].append((sent.micro_batch, sent.start, transfer))
+                    links_used.add(link)
                     timeline.append(sent)
                 else:
                     queue = posted[(replay.peer(spec.link), replay.stage, spec.link.payload)]

@@ -20,14 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from deepspeed.runtime.pipe.schedule import ForwardPass, LoadMicroBatch, OptimizerStep, PipeInstruction, RecvActivation
+
 from .simulation import INSTRUCTION_SPECS, TimelineEvent, ideal_bubble_fraction, simulate, stage_bubble_fractions
 
 TRACE_FILE = "trace.json"
-_STEP_END = "OptimizerStep"
-_TAIL = {"ReduceTiedGrads", "ReduceGrads", "OptimizerStep"}
-_FORWARD = "ForwardPass"
-_FORWARD_COST = "forward"
-_BUFFER_FILLS = {"LoadMicroBatch", "RecvActivation"}
+#: Trace files name instructions by class; this reads them back.
+_INSTRUCTIONS: dict[str, type[PipeInstruction]] = {cls.__name__: cls for cls in INSTRUCTION_SPECS}
+_BUFFER_FILLS = (LoadMicroBatch, RecvActivation)
 
 
 class InstructionTracer:
@@ -61,19 +61,19 @@ class InstructionTracer:
         dist.barrier()
         self.origin = time.perf_counter()
 
-    def record(self, instruction: Any, start: float, end: float) -> None:
-        name = type(instruction).__name__
+    def record(self, instruction: PipeInstruction, start: float, end: float) -> None:
         buffer_id = getattr(instruction, "buffer_id", None)
-        if name in _BUFFER_FILLS:
+        if isinstance(instruction, _BUFFER_FILLS):
             micro_batch = self._forwards
-        elif name == _FORWARD:
+        elif isinstance(instruction, ForwardPass):
             micro_batch = self._forwards
             self._buffer_micro_batch[buffer_id] = micro_batch
             self._forwards += 1
         else:
             micro_batch = self._buffer_micro_batch.get(buffer_id)
+        name = type(instruction).__name__
         self.events.append((name, buffer_id, micro_batch, self._step, start - self.origin, end - self.origin))
-        if name == _STEP_END:
+        if isinstance(instruction, OptimizerStep):
             self._step += 1
             self._forwards = 0
             self._buffer_micro_batch.clear()
@@ -153,14 +153,15 @@ def load_trace(directory: str | Path) -> TracedRun:
         args = event["args"]
         stages, replicas = max(stages, args["stage"] + 1), max(replicas, args["replica"] + 1)
         steps = max(steps, args["step"] + 1)
-        if event["name"] in _TAIL:
+        instruction = _INSTRUCTIONS[event["name"]]
+        if INSTRUCTION_SPECS[instruction].end_of_batch:
             continue
         start = event["ts"] / 1e6
         timelines[(args["step"], args["replica"])].append(
-            TimelineEvent(args["stage"], event["name"], args["micro_batch"], start, start + event["dur"] / 1e6)
+            TimelineEvent(args["stage"], instruction, args["micro_batch"], start, start + event["dur"] / 1e6)
         )
     complete = {key: sorted(events, key=lambda e: e.start) for key, events in timelines.items() if key[0] < steps}
-    forwards = [e for e in complete.get((0, 0), []) if e.name == _FORWARD and e.stage == 0]
+    forwards = [e for e in complete.get((0, 0), []) if e.instruction is ForwardPass and e.stage == 0]
     return TracedRun(trace["otherData"]["schedule"], stages, replicas, steps, len(forwards), complete)
 
 
@@ -200,15 +201,15 @@ def bubble_report(run: TracedRun, skip_steps: int = 1) -> BubbleReport:
         statistics.fmean(column)
         for column in zip(*(stage_bubble_fractions(run.timelines[key], run.stages) for key in keys))
     ]
-    events = [event for key in keys for event in run.timelines[key]]
-    traced = {event.name for event in events}
+    traced = {event.instruction for key in keys for event in run.timelines[key]}
     costs = {
-        spec.cost: _median_cost(run, keys, {cls.__name__})
+        spec.cost: _median_cost(run, keys, cls)
         for cls, spec in INSTRUCTION_SPECS.items()
-        if spec.compute and cls.__name__ in traced
+        if spec.compute and cls in traced
     }
-    forward = costs[_FORWARD_COST]
-    backward = [sum(per_stage) for per_stage in zip(*(v for k, v in costs.items() if k != _FORWARD_COST))]
+    forward_cost = INSTRUCTION_SPECS[ForwardPass].cost
+    forward = costs[forward_cost]
+    backward = [sum(per_stage) for per_stage in zip(*(v for k, v in costs.items() if k != forward_cost))]
     costs["send"] = transfer_time(run.timelines[key] for key in keys)
     predicted = simulate(run.schedule, run.stages, run.micro_batches, costs=costs).bubble_fraction
     return BubbleReport(
@@ -226,15 +227,13 @@ def bubble_report(run: TracedRun, skip_steps: int = 1) -> BubbleReport:
 
 # receive -> (its send, where the sender is), from the instruction semantics the simulator uses
 _SENDS = {
-    receive.__name__: (send.__name__, spec.link.peer)
+    receive: (send, spec.link.peer)
     for receive, spec in INSTRUCTION_SPECS.items()
     if spec.link is not None and not spec.link.sends
     for send, send_spec in INSTRUCTION_SPECS.items()
     if send_spec.link == spec.link.counterpart()
 }
-
-
-_SEND_NAMES = {send for send, _ in _SENDS.values()}
+_SEND_CLASSES = {send for send, _ in _SENDS.values()}
 
 
 def transfer_time(timelines: Iterable[Sequence[TimelineEvent]]) -> float:
@@ -242,25 +241,25 @@ def transfer_time(timelines: Iterable[Sequence[TimelineEvent]]) -> float:
     after the later of its own start and its send's (sends do not wait, so the send's end says nothing)."""
     times = []
     for timeline in timelines:
-        sends = {(e.stage, e.name, e.micro_batch): e for e in timeline if e.name in _SEND_NAMES}
+        sends = {(e.stage, e.instruction, e.micro_batch): e for e in timeline if e.instruction in _SEND_CLASSES}
         for receive in timeline:
-            if receive.name in _SENDS:
-                name, peer = _SENDS[receive.name]
-                send = sends.get((receive.stage + peer, name, receive.micro_batch))
+            if receive.instruction in _SENDS:
+                send_class, peer = _SENDS[receive.instruction]
+                send = sends.get((receive.stage + peer, send_class, receive.micro_batch))
                 if send is not None:
                     times.append(max(0.0, receive.end - max(receive.start, send.start)))
     return statistics.median(times) if times else 0.0
 
 
-def _median_cost(run: TracedRun, keys: list[tuple[int, int]], names: set[str]) -> list[float]:
-    """Per stage, the median over micro-batches of the time spent in instructions named ``names``.
+def _median_cost(run: TracedRun, keys: list[tuple[int, int]], instruction: type[PipeInstruction]) -> list[float]:
+    """Per stage, the median over micro-batches of the time spent in ``instruction``.
 
     The median, not the mean: one descheduled instruction on a shared machine should not move the prediction.
     """
     per_micro_batch: dict[tuple[int, int, int, int | None], float] = defaultdict(float)
     for step, replica in keys:
         for event in run.timelines[(step, replica)]:
-            if event.name in names:
+            if event.instruction is instruction:
                 per_micro_batch[(event.stage, step, replica, event.micro_batch)] += event.end - event.start
     return [
         statistics.median([t for (stage, *_), t in per_micro_batch.items() if stage == s] or [0.0])

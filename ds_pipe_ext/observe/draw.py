@@ -9,18 +9,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from deepspeed.runtime.pipe.schedule import PipeSchedule
+from deepspeed.runtime.pipe.schedule import BackwardPass, ForwardPass, PipeInstruction, PipeSchedule
 
-from ds_pipe_ext.simulation import Costs, SimulationResult, TimelineEvent, ideal_bubble_fraction, simulate
+from ..schedules import BackwardInputPass, BackwardWeightPass
+from .simulation import Costs, SimulationResult, TimelineEvent, ideal_bubble_fraction, simulate
 
 __all__ = ["BOX_COLOURS", "draw_schedule", "draw_timeline"]
 
 #: Instructions drawn as labelled boxes, and their colours. Anything else that takes time is a thin grey strip.
-BOX_COLOURS: dict[str, str] = {
-    "ForwardPass": "#4c72b0",
-    "BackwardPass": "#dd8452",
-    "BackwardInputPass": "#dd8452",  # B: the critical half of a split backward, coloured as a whole one
-    "BackwardWeightPass": "#55a868",  # W: the half that fills bubbles
+BOX_COLOURS: dict[type[PipeInstruction], str] = {
+    ForwardPass: "#4c72b0",
+    BackwardPass: "#dd8452",
+    BackwardInputPass: "#dd8452",  # I: the critical half of a split backward, coloured as a whole one
+    BackwardWeightPass: "#55a868",  # W: the half that fills bubbles
 }
 _OTHER_COLOUR = "#9e9e9e"
 _SUFFIXES = (".png", ".svg")
@@ -48,7 +49,7 @@ def draw_timeline(
 
     origin = min((event.start for event in events), default=0.0)
     span = max((event.end for event in events), default=1.0) - origin or 1.0
-    boxes = [event for event in events if event.name in BOX_COLOURS and event.end > event.start]
+    boxes = [event for event in events if event.instruction in BOX_COLOURS and event.end > event.start]
     shortest = min((event.end - event.start for event in boxes), default=span)
     axes_width = min(max(_INCHES_PER_SHORTEST_BOX * span / shortest, _AXES_INCHES[0]), _AXES_INCHES[1])
     figure = Figure(figsize=(axes_width + _MARGIN_INCHES, 0.5 * stages + 1.3), layout="constrained")
@@ -57,11 +58,11 @@ def draw_timeline(
 
     for event in events:
         start, width = event.start - origin, event.end - event.start
-        if event.name in BOX_COLOURS and width > 0:
+        if event.instruction in BOX_COLOURS and width > 0:
             axes.broken_barh(
                 [(start, width)],
                 (event.stage - 0.4, 0.8),
-                facecolors=BOX_COLOURS[event.name],
+                facecolors=BOX_COLOURS[event.instruction],
                 edgecolor="white",
                 linewidth=1.0,
             )
@@ -78,8 +79,8 @@ def draw_timeline(
     axes.spines[["top", "right"]].set_visible(False)
     if title:
         axes.set_title(title, loc="left", fontsize=10)
-    drawn = {event.name for event in boxes}
-    legend = [Patch(color=colour, label=name) for name, colour in BOX_COLOURS.items() if name in drawn]
+    drawn = {event.instruction for event in boxes}
+    legend = [Patch(color=colour, label=cls.__name__) for cls, colour in BOX_COLOURS.items() if cls in drawn]
     if legend:
         axes.legend(handles=legend, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False, fontsize=8)
     with matplotlib.rc_context({"svg.fonttype": "none"}):  # keep labels as text in SVG

@@ -1,8 +1,8 @@
-"""A backward pass in two halves: B, the gradient of the stage input, and W, the gradients of the weights.
+"""A backward pass in two halves: I, the gradient of the stage input, and W, the gradients of the weights.
 
-The previous stage waits for B; nobody waits for W, so a schedule can run W later, in what would be a bubble
+The previous stage waits for I; nobody waits for W, so a schedule can run W later, in what would be a bubble
 (Qi et al., Zero Bubble Pipeline Parallelism, arXiv 2401.10241). Both halves walk the autograd graph the forward
-pass saved, and together they do the arithmetic of one backward, no more: during B each autograd node where a
+pass saved, and together they do the arithmetic of one backward, no more: during I each autograd node where a
 weight's gradient leaves the path from the stage input to its outputs (a *join*: say a Linear's ``AddmmBackward``)
 computes only its input-side gradient, and a pre-hook keeps the gradient that flowed into it; W restarts from
 those joins towards the weights only. ``torch.distributed.pipelining._backward`` does the same with private
@@ -18,12 +18,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from deepspeed.runtime.pipe.schedule import BufferOpInstruction
 from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
 
 __all__ = [
-    "BackwardInputPass",
-    "BackwardWeightPass",
     "PendingWeightGrads",
     "backward_input",
     "backward_weight",
@@ -31,22 +28,9 @@ __all__ = [
 ]
 
 
-class BackwardInputPass(BufferOpInstruction):
-    """B: the gradient of the stage input for the micro-batch in ``buffer_id``, which the previous stage waits for.
-
-    Its gradient goes out with DeepSpeed's ``SendGrad``; the received gradient is freed, the activations are kept
-    for the matching :class:`BackwardWeightPass`.
-    """
-
-
-class BackwardWeightPass(BufferOpInstruction):
-    """W: accumulate the weight gradients of the micro-batch in ``buffer_id`` into ``.grad``, then free its
-    activations. Comes after the micro-batch's :class:`BackwardInputPass` and before ``ReduceGrads``."""
-
-
 @dataclass
 class _WeightGroup:
-    """Weights whose gradients leave the input path at the same joins, with what flowed into each join in B."""
+    """Weights whose gradients leave the input path at the same joins, with what flowed into each join in I."""
 
     weights: list[torch.Tensor]
     joins: list[Node]
@@ -112,7 +96,7 @@ def backward_input(
 def backward_weight(pending: PendingWeightGrads) -> None:
     """Accumulate the weight gradients :func:`backward_input` left pending into ``.grad``, and free the graph.
 
-    Each join sees again exactly the gradient it saw in B: a node pre-hook sets it, after any tensor hook on the
+    Each join sees again exactly the gradient it saw in I: a node pre-hook sets it, after any tensor hook on the
     join's output (DeepSpeed's gradient-accumulation scaling on a stage output) has run a second time.
     """
     for group in pending.groups:
@@ -220,7 +204,7 @@ def _weight_groups(
         if (reached & roots) - on_input_path:
             raise ValueError(
                 f"a weight of shape {tuple(weight.shape)} reaches an output that does not depend on the stage "
-                "input, so B cannot leave its gradient to W; run a full backward (schedule 1f1b) for this model"
+                "input, so I cannot leave its gradient to W; run a full backward (schedule 1f1b) for this model"
             )
         joins = reached & on_input_path
         overlapping = [group for group in groups if joins.intersection(group.joins)]

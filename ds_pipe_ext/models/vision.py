@@ -1,4 +1,7 @@
-"""The example models as DeepSpeed layer lists, shared by the example, ``ds-pipe plan`` and the benchmarks."""
+"""The DeepSpeedExamples image models (torchvision's AlexNet and VGG19) as pipeline layer lists.
+
+torchvision is imported only when a model is built: ``pip install 'ds_pipe_ext[examples]'`` brings it.
+"""
 
 from __future__ import annotations
 
@@ -14,13 +17,16 @@ MIN_IMAGE_SIZE = {"alexnet": 63, "vgg19": 32}
 
 def build_model(name: str, num_classes: int = 10, dropout: float = 0.5) -> nn.Module:
     """The torchvision network the DeepSpeedExamples pipeline run trains."""
-    from torchvision.models import AlexNet, vgg19
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
+    try:
+        from torchvision.models import AlexNet, vgg19
+    except ImportError as error:
+        raise ImportError(f"the {name} example model needs torchvision: pip install 'ds_pipe_ext[examples]'") from error
 
     if name == "alexnet":
         return AlexNet(num_classes=num_classes, dropout=dropout)
-    if name == "vgg19":
-        return vgg19(num_classes=num_classes, dropout=dropout)
-    raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
+    return vgg19(num_classes=num_classes, dropout=dropout)
 
 
 def join_layers(net: nn.Module) -> list[nn.Module]:

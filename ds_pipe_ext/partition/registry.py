@@ -1,0 +1,103 @@
+"""Partition methods by name: the one place a ``partition_method`` string becomes a method.
+
+A method is a function ``(ctx, arg) -> boundaries`` registered with :func:`register_partition_method`;
+``"name:arg"`` passes ``arg``. Boundaries are ``[0, b1, ..., n]``: stage ``s`` runs layers ``b[s]`` to ``b[s+1]-1``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from .context import PartitionContext
+from .solver import check_boundaries, check_stage_count
+
+__all__ = [
+    "PartitionMethod",
+    "PartitionSpec",
+    "available_partition_methods",
+    "get_partition_method",
+    "register_partition_method",
+]
+
+PartitionFn = Callable[[PartitionContext, str | None], Sequence[int]]
+CheckFn = Callable[[PartitionContext, str | None], None]
+
+
+@dataclass(frozen=True)
+class PartitionMethod:
+    """A registered method: ``fn(ctx, arg)`` returns boundaries; ``check(ctx, arg)``, if given, rejects bad input
+    cheaply and before any process group exists; ``prefix`` methods take ``name:arg``, the others no argument."""
+
+    name: str
+    fn: PartitionFn
+    prefix: bool = False
+    check: CheckFn | None = None
+
+
+@dataclass(frozen=True)
+class PartitionSpec:
+    """A parsed ``"name"`` or ``"name:arg"``, ready to check and run."""
+
+    method: PartitionMethod
+    arg: str | None = None
+
+    def __str__(self) -> str:
+        return self.method.name if self.arg is None else f"{self.method.name}:{self.arg}"
+
+    def check(self, ctx: PartitionContext) -> None:
+        """Everything that can be wrong with the spec, the stage count and the inputs, without measuring."""
+        check_stage_count(ctx.num_stages, len(ctx.layers))
+        if self.method.check is not None:
+            self.method.check(ctx, self.arg)
+
+    def __call__(self, ctx: PartitionContext) -> list[int]:
+        self.check(ctx)
+        boundaries = [int(b) for b in self.method.fn(ctx, self.arg)]
+        check_boundaries(boundaries, len(ctx.layers), ctx.num_stages, source=f"partition method {str(self)!r}")
+        return boundaries
+
+
+_METHODS: dict[str, PartitionMethod] = {}
+
+
+def register_partition_method(
+    name: str, *, prefix: bool = False, check: CheckFn | None = None
+) -> Callable[[PartitionFn], PartitionFn]:
+    """Decorator: make ``fn(ctx, arg) -> boundaries`` selectable as ``name`` (case-insensitive), or as
+    ``name:arg`` with ``prefix=True``. ``check(ctx, arg)`` runs first, on every rank, before process groups exist."""
+    key = name.lower()
+    if not key or ":" in key:
+        raise ValueError(f"partition method names must be non-empty and contain no ':', got {name!r}")
+
+    def register(fn: PartitionFn) -> PartitionFn:
+        if key in _METHODS and _METHODS[key].fn is not fn:
+            raise ValueError(f"partition method {key!r} is already registered to {_METHODS[key].fn.__qualname__}")
+        _METHODS[key] = PartitionMethod(key, fn, prefix, check)
+        return fn
+
+    return register
+
+
+def available_partition_methods() -> list[str]:
+    """Registered names, in registration order (DeepSpeed's first)."""
+    return list(_METHODS)
+
+
+def get_partition_method(spec: str) -> PartitionSpec:
+    """Parse ``"name"`` or ``"name:arg"``; a ValueError lists the registered methods for an unknown name."""
+    if not isinstance(spec, str):
+        raise ValueError(f"partition method must be a string such as 'parameters', got {spec!r}")
+    name, colon, arg = spec.partition(":")
+    method = _METHODS.get(name.strip().lower())
+    if method is None:
+        choices = ", ".join(f"{m.name}:ARG" if m.prefix else m.name for m in _METHODS.values())
+        raise ValueError(
+            f"unknown partition method {spec!r}; registered: {choices} "
+            "(add one with @ds_pipe_ext.register_partition_method)"
+        )
+    if method.prefix and not arg:
+        raise ValueError(f"partition method {method.name!r} needs an argument: {method.name}:ARG")
+    if not method.prefix and colon:
+        raise ValueError(f"partition method {method.name!r} takes no argument, got {spec!r}")
+    return PartitionSpec(method, arg if colon else None)

@@ -1,0 +1,39 @@
+"""Training schedules for DeepSpeed's pipeline engine, chosen by name.
+
+A schedule is a DeepSpeed ``PipeSchedule``. The built-in ones are compute orders (:mod:`.compute_order`): each
+stage's passes, lowered to DeepSpeed's instructions by one function. A new schedule is a class with an
+``order()`` (or, by hand, a ``steps()`` generator of instructions) and ``@register_schedule("name")``;
+:func:`ds_pipe_ext.validate` checks it before it runs.
+"""
+
+from . import builtin, zero_bubble  # noqa: F401  (registers the built-in schedules)
+from .builtin import GPipeSchedule, OneFOneBSchedule
+from .compute_order import ComputeOrderSchedule, Pass, lower
+from .instructions import BackwardInputPass, BackwardWeightPass
+from .registry import (
+    DEEPSPEED_BUILTIN,
+    DEFAULT_SCHEDULE,
+    available_schedules,
+    get_schedule,
+    register_schedule,
+    schedule_name,
+)
+from .zero_bubble import SplitOneFOneBSchedule, ZBH1Schedule
+
+__all__ = [
+    "DEEPSPEED_BUILTIN",
+    "DEFAULT_SCHEDULE",
+    "BackwardInputPass",
+    "BackwardWeightPass",
+    "ComputeOrderSchedule",
+    "GPipeSchedule",
+    "OneFOneBSchedule",
+    "Pass",
+    "SplitOneFOneBSchedule",
+    "ZBH1Schedule",
+    "available_schedules",
+    "get_schedule",
+    "lower",
+    "register_schedule",
+    "schedule_name",
+]
