@@ -15,7 +15,7 @@ from ds_pipe_ext.schedules import available_schedules
 @pytest.mark.slow
 def test_first_weight_becomes_one_minus_two_lr_for_every_schedule():
     schedules = available_schedules()  # "deepspeed" included
-    result = launch(ROOT / "tests" / "scripts" / "grad_accum_scaling.py", schedules, ranks=2, timeout=300)
+    result = launch(ROOT / "tests" / "scripts" / "grad_accum_scaling.py", schedules, ranks=2, timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     lines = [json.loads(line.split("]: ", 1)[-1]) for line in result.stdout.splitlines() if '"first_weight"' in line]
     weights = {(line["schedule"], line["clipping"]): line["first_weight"] for line in lines}

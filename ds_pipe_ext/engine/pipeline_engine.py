@@ -21,16 +21,18 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from functools import partial
 from typing import Any
 
 import torch
-from deepspeed import comm as dist
+import torch.distributed as dist
 from deepspeed.runtime.pipe import p2p
 from deepspeed.runtime.pipe import schedule as ds_schedule
 from deepspeed.runtime.pipe.engine import PipelineEngine
 
+from ..observe.simulation import ScheduleError, validate
 from ..schedules import BackwardInputPass, BackwardWeightPass
-from ..schedules.instructions import transfer_runs
+from ..schedules.instructions import RECEIVES, SENDS, transfer_runs
 from .split_backward import backward_input, backward_weight, check_engine_can_split
 
 __all__ = ["SchedulePipelineEngine", "send_window"]
@@ -95,6 +97,26 @@ class SchedulePipelineEngine(PipelineEngine):
         split = (BackwardInputPass, BackwardWeightPass)
         if any(isinstance(cmd, split) for step in self._schedule() for cmd in step):
             check_engine_can_split(self)  # once, on every rank, before the first batch
+        self._check_transport()
+
+    def _check_transport(self) -> None:
+        """Refuse, on every rank before the first batch, a schedule that would hang on this backend as this engine
+        posts its transfers: the simulator replays it under that model (nccl's for any backend but gloo)."""
+        backend = "gloo" if dist.get_backend() == "gloo" else "nccl"
+        posting = "batched" if self._posts_in_batches() else "blocking"
+        try:
+            validate(self.schedule_cls, self.num_stages, self.micro_batches, backend=backend, posting=posting)
+        except ScheduleError as error:
+            how = (
+                f"on {dist.get_backend()}, where a send waits for its receive"
+                if posting == "batched"
+                else "with DeepSpeed's blocking send and receive (this run has partitioned or dynamically shaped "
+                "activations)"
+            )
+            raise ValueError(
+                f"schedule {self.schedule_cls.__name__} cannot run {how}: {error} Use schedule '1f1b', which runs "
+                "everywhere."
+            ) from None
 
     def _schedule(self) -> ds_schedule.PipeSchedule:
         """This stage's part of the engine's training schedule."""
@@ -159,25 +181,70 @@ class SchedulePipelineEngine(PipelineEngine):
         self.pipe_buffers["outputs"][buffer_id] = None
         self.pipe_buffers["output_tensors"][buffer_id] = None
 
-    def _sends_can_overlap(self) -> bool:
-        """Partitioned activations and gradients go through DeepSpeed's own (blocking) sends; and so does the first
-        activation, which carries the tensor metadata the receiver allocates its buffer from."""
+    def _posts_in_batches(self) -> bool:
+        """Whether a step's transfers go out as one ``batch_isend_irecv``. Partitioned activations and gradients, and
+        activations whose shapes change, go through DeepSpeed's own handlers instead: one blocking send or receive
+        at a time, shapes sent with every activation."""
         partitioned = self.is_pipe_partitioned or self.is_grad_partitioned
         return p2p.can_send_recv() and not (partitioned or self.dynamic_shape)
 
-    def _exec_send_activations(self, buffer_id: int) -> None:
-        if self.first_output_send or not self._sends_can_overlap():
-            return super()._exec_send_activations(buffer_id)
+    def _exec_transfers(self, transfers: list[ds_schedule.PipeInstruction]) -> None:
+        """Post a run of sends and receives as one batch, wait for the receives, and file what arrived.
+
+        A send's tensors stay referenced until the send window retires them (:meth:`_retire_old_send`) or the batch
+        ends. Before the first activation on a link DeepSpeed's blocking exchange of the tensor shapes runs, as in
+        its own engine.
+        """
+        ops, posted = [], []  # per instruction: (instruction, neighbour stage, its ops' slice, what to do on arrival)
+        for cmd in transfers:
+            if isinstance(cmd, ds_schedule.SendActivation):
+                stage, tensors, arrival = self.next_stage, self._activations_to_send(cmd.buffer_id), None
+            elif isinstance(cmd, ds_schedule.SendGrad):
+                stage, tensors, arrival = self.prev_stage, self._grads_to_send(cmd.buffer_id), None
+            elif isinstance(cmd, ds_schedule.RecvActivation):
+                stage, tensors = self.prev_stage, self._activation_buffers()
+                arrival = partial(self._file_activations, cmd.buffer_id, tensors)
+            else:
+                stage, tensors = self.next_stage, self._grad_buffers(cmd.buffer_id)
+                arrival = partial(self._file_grads, cmd.buffer_id, tensors)
+            if arrival is None:
+                self._retire_old_send(stage)
+            operation = dist.irecv if arrival else dist.isend
+            rank = self.grid.stage_to_global(stage_id=stage)
+            posted.append((cmd, stage, slice(len(ops), len(ops) + len(tensors)), arrival))
+            ops += [dist.P2POp(operation, tensor, rank) for tensor in tensors]
+        start = time.perf_counter()
+        works = dist.batch_isend_irecv(ops)
+        waited = time.perf_counter()
+        for cmd, stage, span, arrival in posted:
+            if arrival is None:
+                self._pending_sends.setdefault(stage, deque()).append(works[span])
+                if self.tracer is not None:
+                    self.tracer.record(cmd, start, waited)
+        for cmd, _, span, arrival in posted:
+            if arrival is None:
+                continue
+            for work in works[span]:
+                work.wait()
+            arrival()
+            if self.tracer is not None:
+                self.tracer.synchronize()
+                self.tracer.record(cmd, waited, now := time.perf_counter())
+                waited = now
+
+    def _activations_to_send(self, buffer_id: int) -> list[torch.Tensor]:
         outputs = self.pipe_buffers["outputs"][buffer_id]
         tensors = [outputs] if torch.is_tensor(outputs) else list(outputs)
         if self.has_attention_mask or self.has_bool_tensors:
             tensors[-1] = tensors[-1].half()  # as DeepSpeed does: NCCL cannot send bool tensors
-        self._isend(tensors, self.next_stage)
+        if self.first_output_send:
+            self.first_output_send = False
+            self._send_tensor_meta(tensors[0] if torch.is_tensor(outputs) else tuple(tensors), self.next_stage)
+        return tensors
 
-    def _exec_send_grads(self, buffer_id: int) -> None:
-        if not self._sends_can_overlap():
-            return super()._exec_send_grads(buffer_id)
+    def _grads_to_send(self, buffer_id: int) -> list[torch.Tensor]:
         inputs = self.pipe_buffers["inputs"][buffer_id]
+        self.pipe_buffers["inputs"][buffer_id] = None
         if torch.is_tensor(inputs):
             grads = [inputs.grad]
         else:
@@ -186,16 +253,40 @@ class SchedulePipelineEngine(PipelineEngine):
             grads = [tensor.grad for tensor in inputs if tensor.is_floating_point()]
         if any(grad is None for grad in grads):
             raise RuntimeError(f"SendGrad(buffer_id={buffer_id}): a stage input has no gradient")
-        self._isend(grads, self.prev_stage)
-        self.pipe_buffers["inputs"][buffer_id] = None
+        return grads
 
-    def _isend(self, tensors: list[torch.Tensor], stage: int) -> None:
+    def _activation_buffers(self) -> list[torch.Tensor]:
+        """Fresh tensors for one micro-batch's activations, shaped as the first activation announced."""
+        if self.pipe_recv_buf is None:
+            self.pipe_recv_buf = self._recv_tensor_meta(self.prev_stage)
+        shapes = [self.pipe_recv_buf] if torch.is_tensor(self.pipe_recv_buf) else self.pipe_recv_buf
+        return [torch.empty_like(tensor) for tensor in shapes]
+
+    def _file_activations(self, buffer_id: int, tensors: list[torch.Tensor]) -> None:
+        if self.has_attention_mask or self.has_bool_tensors:
+            tensors[-1] = tensors[-1].bool()
+        for tensor in tensors:
+            tensor.requires_grad_(tensor.is_floating_point())
+        single = torch.is_tensor(self.pipe_recv_buf)
+        self.pipe_buffers["inputs"][buffer_id] = tensors[0] if single else tuple(tensors)
+
+    def _grad_buffers(self, buffer_id: int) -> list[torch.Tensor]:
+        """Fresh tensors for the gradients of this buffer's (floating-point) outputs."""
+        outputs = self.pipe_buffers["outputs"][buffer_id]
+        outputs = [outputs] if torch.is_tensor(outputs) else [t for t in outputs if t.is_floating_point()]
+        return [torch.empty_like(output) for output in outputs]
+
+    def _file_grads(self, buffer_id: int, tensors: list[torch.Tensor]) -> None:
+        single = torch.is_tensor(self.pipe_buffers["outputs"][buffer_id])
+        self.pipe_buffers["grads"][buffer_id] = tensors[0] if single else tensors
+
+    def _retire_old_send(self, stage: int) -> None:
+        """Keep at most the send window of sends to ``stage`` in flight: the oldest has surely arrived by now
+        (:func:`send_window`), so waiting for it does not wait on the neighbour."""
         sends = self._pending_sends.setdefault(stage, deque())
         if len(sends) >= self._send_windows[stage]:
             for work in sends.popleft():
-                work.wait()  # arrived already: returns at once (gloo's is_completed() stays False until wait())
-        rank = self.grid.stage_to_global(stage_id=stage)
-        sends.append([dist.isend(tensor, rank) for tensor in tensors])
+                work.wait()  # gloo's is_completed() stays False until wait()
 
     def _wait_for_sends(self) -> None:
         for sends in self._pending_sends.values():
@@ -224,8 +315,12 @@ class SchedulePipelineEngine(PipelineEngine):
     def _exec_instructions(self, pipe_schedule: ds_schedule.PipeSchedule) -> None:
         self._reserve_pipe_buffers(pipe_schedule.num_pipe_buffers())
         self.fwd_outputs = []
+        batched = self._posts_in_batches()
         for step_cmds in pipe_schedule:
             for group in transfer_runs(step_cmds):
+                if batched and isinstance(group[0], SENDS + RECEIVES):
+                    self._exec_transfers(group)
+                    continue
                 for cmd in group:
                     self._exec_instruction(cmd)
 
@@ -252,8 +347,6 @@ class SchedulePipelineEngine(PipelineEngine):
         ds_schedule.ForwardPass: _exec_forward_pass,
         ds_schedule.BackwardPass: _exec_backward_pass,
         ds_schedule.RecvGrad: _exec_recv_grads,
-        ds_schedule.SendActivation: _exec_send_activations,
-        ds_schedule.SendGrad: _exec_send_grads,
         BackwardInputPass: _exec_backward_input_pass,
         BackwardWeightPass: _exec_backward_weight_pass,
     }

@@ -120,18 +120,14 @@ def backward_weight(pending: PendingWeightGrads) -> None:
     pending.groups.clear()
 
 
-def check_engine_can_split(engine: Any, backend: str | None = None) -> None:
+def check_engine_can_split(engine: Any) -> None:
     """Raise unless ``engine`` (a ``PipelineEngine``) trains in a way the split backward reproduces exactly.
 
     The split replaces DeepSpeed's fp32 backward of ZeRO stage 0; mixed precision and ZeRO add their own steps
     around that backward (loss scaling, low-precision gradient copies, gradient hooks), which the halves skip, and
-    DeepSpeed's activation checkpointing refuses ``backward(inputs=...)``. The split schedules also need sends that
-    hold up nothing: partitioned or dynamically shaped activations go through DeepSpeed's blocking send, and on
-    nccl a send waits on the stream it shares with the receives from the same neighbour, so ZB-H1's order would
-    deadlock there. ``backend``: the process group's (default: torch.distributed's, once initialized).
+    DeepSpeed's activation checkpointing refuses ``backward(inputs=...)``. (Whether the schedule's transfers can
+    hang on the backend is the engine's transport check, not this one.)
     """
-    if backend is None and torch.distributed.is_initialized():
-        backend = torch.distributed.get_backend()
     unsupported = [
         name
         for name, enabled in (
@@ -139,17 +135,13 @@ def check_engine_can_split(engine: Any, backend: str | None = None) -> None:
             ("bf16", engine.bfloat16_enabled()),
             (f"ZeRO stage {engine.zero_optimization_stage()}", engine.zero_optimization_stage() > 0),
             ("activation checkpointing", getattr(engine.module, "activation_checkpoint_interval", 0) > 0),
-            ("partitioned pipeline activations", engine.is_pipe_partitioned or engine.is_grad_partitioned),
-            ("dynamic activation shapes", engine.dynamic_shape),
-            (f"the {backend} backend", backend not in (None, "gloo")),
         )
         if enabled
     ]
     if unsupported:
         raise ValueError(
-            "split-backward schedules (zb-h1, 1f1b-split) run fp32 with ZeRO stage 0 only, on the gloo backend, "
-            "without activation checkpointing, on activations of fixed shape that are not partitioned; this run has "
-            f"{', '.join(unsupported)}: change that, or use schedule '1f1b'"
+            "split-backward schedules (zb-h1, 1f1b-split) run fp32 with ZeRO stage 0 only, without activation "
+            f"checkpointing; this run has {', '.join(unsupported)}: change that, or use schedule '1f1b'"
         )
 
 

@@ -14,7 +14,7 @@ a split backward) is taught to the simulator by adding an entry there and, if it
 
 from __future__ import annotations
 
-from collections import defaultdict, deque
+from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -107,7 +107,7 @@ class InstructionSpec:
     loads: bool = False
     cost: str | None = None  # key of DEFAULT_COSTS; a receive takes the sender's "send" cost
     compute: bool = False  # counts as busy time for the bubble
-    first_waits: bool = False  # the first send on a link waits for its receive (DeepSpeed's send with the shapes)
+    shapes_first: bool = False  # a link's first transfer exchanges the tensor shapes first, blocking, as DeepSpeed does
     end_of_batch: bool = False  # must come after all work, in the order of INSTRUCTION_SPECS, once each
 
 
@@ -117,13 +117,17 @@ _SEND_GRAD = Link(-1, "grad", sends=True)
 INSTRUCTION_SPECS: dict[type[PipeInstruction], InstructionSpec] = {
     LoadMicroBatch: InstructionSpec(work=("load",), writes=("batch",), loads=True),
     RecvActivation: InstructionSpec(
-        work=("recv_activation",), writes=("input",), link=_SEND_ACTIVATION.counterpart(), cost="send"
+        work=("recv_activation",),
+        writes=("input",),
+        link=_SEND_ACTIVATION.counterpart(),
+        cost="send",
+        shapes_first=True,
     ),
     ForwardPass: InstructionSpec(
         work=("forward",), reads=("batch", "input"), writes=("output",), cost="forward", compute=True
     ),
     SendActivation: InstructionSpec(
-        work=("send_activation",), reads=("output",), link=_SEND_ACTIVATION, cost="send", first_waits=True
+        work=("send_activation",), reads=("output",), link=_SEND_ACTIVATION, cost="send", shapes_first=True
     ),
     RecvGrad: InstructionSpec(
         work=("recv_grad",), reads=("output",), writes=("grad",), link=_SEND_GRAD.counterpart(), cost="send"
@@ -227,28 +231,53 @@ def bubble_fraction(timeline: Sequence[TimelineEvent], stages: int) -> float:
     return sum(stage_bubble_fractions(timeline, stages)) / stages
 
 
-def validate(schedule: str | type[PipeSchedule], stages: int, micro_batches: int) -> None:
+def validate(
+    schedule: str | type[PipeSchedule],
+    stages: int,
+    micro_batches: int,
+    backend: str = "gloo",
+    posting: str = "batched",
+) -> None:
     """Raise :class:`ScheduleError` unless ``schedule`` trains one batch correctly on DeepSpeed's engine.
 
     Checked on every stage: each micro-batch is loaded (first and last stage), forwarded and backwarded exactly once,
-    in dependency order; sends and receives match one for one and in order on every link, without deadlock (sends
-    do not block, receives do); no buffer is overwritten while its contents are needed, and every buffer id is below
+    in dependency order; sends and receives pair up one for one and in order between every two stages, without
+    deadlock; no buffer is overwritten while its contents are needed, and every buffer id is below
     ``num_pipe_buffers()``; ReduceTiedGrads, ReduceGrads and OptimizerStep come last.
+
+    ``backend`` is the model of the transport. ``"gloo"``: a send is buffered and does not wait; a receive waits
+    for its send. ``"nccl"``: the sends and receives between two ranks run in the order they were posted and a send
+    completes only once its receive is posted (NCCL buffers nothing past a small size), so a stage waits for every
+    transfer of a batch; a batch progresses as a group. ``posting`` is how the engine posts them: ``"batched"``,
+    each run of transfers in a step at once (ds_pipe_ext's engine); ``"blocking"``, one at a time, each send
+    waiting for its receive (DeepSpeed's own handlers, which ds_pipe_ext's engine uses for partitioned or
+    dynamically shaped activations). Either way a link's first activation is preceded by a blocking exchange of
+    the tensor shapes, as DeepSpeed does.
     """
-    simulate(schedule, stages, micro_batches)
+    simulate(schedule, stages, micro_batches, backend=backend, posting=posting)
 
 
 def simulate(
-    schedule: str | type[PipeSchedule], stages: int, micro_batches: int, costs: Costs | None = None
+    schedule: str | type[PipeSchedule],
+    stages: int,
+    micro_batches: int,
+    costs: Costs | None = None,
+    backend: str = "gloo",
+    posting: str = "batched",
 ) -> SimulationResult:
-    """Validate ``schedule`` and time it: ``costs`` maps "forward", "backward" and "send" (one p2p transfer, from
-    when both ends have reached it, at the sending stage's value) to a number or one number per stage; other
-    instructions take no time. Defaults: :data:`DEFAULT_COSTS`. A schedule that splits the backward takes
-    "backward_input" and "backward_weight", each half of "backward" unless given."""
+    """Validate ``schedule`` (see :func:`validate`) and time it: ``costs`` maps "forward", "backward" and "send"
+    (one p2p transfer, from when both ends have posted it, at the sending stage's value) to a number or one number
+    per stage; other instructions take no time. Defaults: :data:`DEFAULT_COSTS`. A schedule that splits the
+    backward takes "backward_input" and "backward_weight", each half of "backward" unless given."""
     schedule_class = _schedule_class(schedule)
     if stages < 1 or micro_batches < 1:
         raise ValueError(f"need at least one stage and one micro-batch, got {stages=}, {micro_batches=}")
-    timeline, peaks = _replay(schedule_class, stages, micro_batches, _per_stage_costs(costs or {}, stages))
+    if (backend, posting) not in _MODELS:
+        raise ValueError(
+            f"backend must be 'gloo' or 'nccl' and posting 'batched' or 'blocking', got {backend!r}, {posting!r}"
+        )
+    per_stage = _per_stage_costs(costs or {}, stages)
+    timeline, peaks = _replay(schedule_class, stages, micro_batches, per_stage, backend, posting)
     return SimulationResult(stages, micro_batches, timeline, peaks)
 
 
@@ -277,21 +306,40 @@ def _per_stage_costs(costs: Costs, stages: int) -> dict[str, list[float]]:
     return per_stage
 
 
+@dataclass
+class _Unit:
+    """What a stage executes in one go: a local instruction, a batch of sends and receives posted together, or the
+    blocking exchange of tensor shapes that precedes a link's first activation (``shapes``)."""
+
+    step: int
+    kind: str  # "local", "batch" or "shapes"
+    instructions: list[PipeInstruction]
+
+
+@dataclass
+class _Transfer:
+    """One posted send or receive, and the micro-batch it carries (known for a send when it is posted)."""
+
+    stage: int
+    instruction: PipeInstruction
+    posted: float
+    shapes: bool
+    position: int = 0  # among the transfers in its direction between its two stages
+    micro_batch: int | None = None
+
+
 class _StageReplay:
     """One stage's instruction stream and the state the engine would hold for it: what each buffer slot holds."""
 
-    def __init__(self, schedule: PipeSchedule, micro_batches: int) -> None:
+    def __init__(self, schedule: PipeSchedule, micro_batches: int, posting: str) -> None:
         self.stage = schedule.stage_id
         self.is_first = schedule.stage_id == 0
         self.is_last = schedule.stage_id == schedule.stages - 1
         self.num_buffers = schedule.num_pipe_buffers()
-        self.stream = [
-            (step, instruction)
-            for step, step_cmds in enumerate(schedule)
-            for group in transfer_runs(step_cmds)
-            for instruction in group
-        ]
-        self.position = 0
+        self.units = self._units(schedule, posting)
+        self.index = 0
+        self.posted: list[_Transfer] | None = None
+        self.step, self.instruction = 0, None
         self.clock = 0.0
         self.slots = {name for name, slot in SLOTS.items() if slot.exists(self.is_first, self.is_last)}
         self.held: dict[tuple[str, int], int] = {}  # (slot, buffer id) -> micro-batch
@@ -301,39 +349,61 @@ class _StageReplay:
         self.batch_ended = False
         self.peak_activations = 0
 
-    @property
-    def finished(self) -> bool:
-        return self.position == len(self.stream)
+    def _units(self, schedule: PipeSchedule, posting: str) -> list[_Unit]:
+        units, shapes_sent = [], set()
+        for step, step_cmds in enumerate(schedule):
+            groups = transfer_runs(step_cmds) if posting == "batched" else [[cmd] for cmd in step_cmds]
+            for group in groups:
+                specs = [self.spec(step, instruction) for instruction in group]
+                if not any(spec.link for spec in specs):
+                    units += [_Unit(step, "local", [instruction]) for instruction in group]
+                    continue
+                for instruction, spec in zip(group, specs):
+                    if spec.shapes_first and spec.link not in shapes_sent:
+                        shapes_sent.add(spec.link)
+                        units.append(_Unit(step, "shapes", [instruction]))
+                units.append(_Unit(step, "batch", group))
+        return units
 
-    def current(self) -> tuple[PipeInstruction, InstructionSpec]:
-        instruction = self.stream[self.position][1]
+    def spec(self, step: int, instruction: PipeInstruction) -> InstructionSpec:
         spec = INSTRUCTION_SPECS.get(type(instruction))
         if spec is None:
+            self.step, self.instruction = step, instruction
             raise self.error(f"unknown instruction; describe {type(instruction).__name__} in INSTRUCTION_SPECS")
-        return instruction, spec
+        return spec
+
+    @property
+    def finished(self) -> bool:
+        return self.index == len(self.units)
+
+    @property
+    def unit(self) -> _Unit:
+        return self.units[self.index]
 
     def where(self) -> str:
-        step, instruction = self.stream[self.position]
-        return f"stage {self.stage}, step {step}, {instruction!r}"
+        return f"stage {self.stage}, step {self.step}, {self.instruction!r}"
 
     def error(self, problem: str) -> ScheduleError:
         return ScheduleError(f"{self.where()}: {problem}")
 
     def peer(self, link: Link) -> int:
-        """The neighbour the current send or receive talks to."""
+        """The neighbour a send or receive on ``link`` talks to."""
         if not self._has_peer(link):
             raise self.error(f"stage {self.stage} has no {'previous' if link.peer < 0 else 'next'} stage")
         return self.stage + link.peer
 
-    def run(self, start: float, duration: float, incoming: int | None = None) -> TimelineEvent:
-        """Execute the current instruction on the micro-batch it acts on, checking the buffers, and move past it."""
-        instruction, spec = self.current()
+    def at(self, instruction: PipeInstruction) -> InstructionSpec:
+        """Make ``instruction`` (of the current unit) the one errors name, and return its spec."""
+        self.step, self.instruction = self.unit.step, instruction
+        return INSTRUCTION_SPECS[type(instruction)]
+
+    def run(self, instruction: PipeInstruction, start: float, end: float, incoming: int | None = None) -> TimelineEvent:
+        """Execute ``instruction`` on the micro-batch it acts on, checking the buffers."""
+        spec = self.at(instruction)
         micro_batch = None if spec.end_of_batch else self._apply(instruction, spec, incoming)
         if spec.end_of_batch:
             self._end_batch()
-        self.position += 1
-        self.clock = start + duration
-        return TimelineEvent(self.stage, type(instruction), micro_batch, start, self.clock)
+        return TimelineEvent(self.stage, type(instruction), micro_batch, start, end)
 
     def _applies(self, spec: InstructionSpec) -> bool:
         return (spec.link is None or self._has_peer(spec.link)) and set(spec.writes) <= self.slots
@@ -424,7 +494,13 @@ class _StageReplay:
         if missing:
             raise ScheduleError(f"stage {self.stage}: the schedule never does {missing}")
         expected = [cls.__name__ for cls, spec in INSTRUCTION_SPECS.items() if spec.end_of_batch]
-        ending = [type(i).__name__ for _, i in self.stream if INSTRUCTION_SPECS[type(i)].end_of_batch]
+        ending = [
+            type(i).__name__
+            for unit in self.units
+            if unit.kind == "local"
+            for i in unit.instructions
+            if INSTRUCTION_SPECS[type(i)].end_of_batch
+        ]
         if ending != expected:
             raise ScheduleError(
                 f"stage {self.stage}: a batch must end with {', '.join(expected)} (once each, in this order); "
@@ -433,72 +509,179 @@ class _StageReplay:
 
 
 def _replay(
-    schedule: type[PipeSchedule], stages: int, micro_batches: int, costs: Mapping[str, Sequence[float]]
+    schedule: type[PipeSchedule],
+    stages: int,
+    micro_batches: int,
+    costs: Mapping[str, Sequence[float]],
+    backend: str,
+    posting: str,
 ) -> tuple[list[TimelineEvent], list[int]]:
     """Run all stages' streams together as a discrete-event simulation of :class:`SchedulePipelineEngine`.
 
-    A stage runs local instructions back to back. A send posts its tensor and goes on, as the engine's ``isend``
-    does; a receive waits until its neighbour has posted the matching send, and the transfer then takes the
-    sender's "send" cost. The first activation on each link goes through DeepSpeed's send, which waits for the
-    receive. When no stage can move and some have not finished, the schedule deadlocks.
+    A stage runs local instructions back to back. A batch of transfers is posted at once; between two stages the
+    k-th send meets the k-th receive (no tags, as DeepSpeed sends), and the tensor arrives the sender's "send" cost
+    after both are posted. The stage goes on when its receives have arrived and, where a send waits for its receive
+    (nccl, a shapes exchange, or DeepSpeed's blocking posting), its sends have been received. When no stage can move
+    and some have not finished, the schedule deadlocks.
     """
     replays = [
-        _StageReplay(schedule(micro_batches=micro_batches, stages=stages, stage_id=stage), micro_batches)
+        _StageReplay(schedule(micro_batches=micro_batches, stages=stages, stage_id=stage), micro_batches, posting)
         for stage in range(stages)
     ]
-    posted: dict[tuple[int, int, str], deque[tuple[int, float, float]]] = defaultdict(deque)  # (from, to, payload)
-    links_used: set[tuple[int, int, str]] = set()
+    sends: dict[tuple[int, int], list[_Transfer]] = defaultdict(list)  # (sender, receiver) -> in posting order
+    receives: dict[tuple[int, int], list[_Transfer]] = defaultdict(list)
+    sends_wait = backend == "nccl" or posting == "blocking"
     timeline: list[TimelineEvent] = []
     moved = True
     while moved:
         moved = False
         for replay in replays:
             while not replay.finished:
-                _, spec = replay.current()
-                if spec.link is None:
-                    duration = costs[spec.cost][replay.stage] if spec.cost else 0.0
-                    timeline.append(replay.run(replay.clock, duration))
-                elif spec.link.sends:
-                    link = (replay.stage, replay.peer(spec.link), spec.link.payload)
-                    transfer = costs[spec.cost][replay.stage]
-                    if spec.first_waits and link not in links_used:
-                        receiver = replays[link[1]]
-                        if receiver.finished or posted[link] or receiver.current()[1].link != spec.link.counterpart():
-                            break
-                        end = max(replay.clock, receiver.clock) + transfer
-                        sent = replay.run(replay.clock, end - replay.clock)
-                        timeline.append(receiver.run(receiver.clock, end - receiver.clock, incoming=sent.micro_batch))
-                    else:
-                        sent = replay.run(replay.clock, 0.0)
-                        posted[link].append((sent.micro_batch, sent.start, transfer))
-                    links_used.add(link)
-                    timeline.append(sent)
-                else:
-                    queue = posted[(replay.peer(spec.link), replay.stage, spec.link.payload)]
-                    if not queue:
-                        break
-                    micro_batch, sent_at, transfer = queue.popleft()
+                unit = replay.unit
+                if unit.kind == "local":
+                    (instruction,) = unit.instructions
+                    spec = replay.at(instruction)
                     start = replay.clock
-                    timeline.append(replay.run(start, max(start, sent_at) + transfer - start, incoming=micro_batch))
+                    replay.clock += costs[spec.cost][replay.stage] if spec.cost else 0.0
+                    timeline.append(replay.run(instruction, start, replay.clock))
+                else:
+                    if replay.posted is None:
+                        replay.posted = _post(replay, unit, sends, receives)
+                    partners = [_partner(replay, transfer, sends, receives) for transfer in replay.posted]
+                    if any(p is None and _waits(t, sends_wait) for t, p in zip(replay.posted, partners)):
+                        break
+                    timeline += _complete(replay, unit, partners, costs, sends_wait)
+                    replay.posted = None
+                replay.index += 1
                 moved = True
     blocked = [replay for replay in replays if not replay.finished]
     if blocked:
-        waits = []
-        for replay in blocked:
-            peer = replay.peer(replay.current()[1].link)
-            finished = ", which has finished" if replays[peer].finished else ""
-            waits.append(f"{replay.where()} waits for stage {peer}{finished}")
+        waits = [_waiting(replay, sends, receives, replays, sends_wait) for replay in blocked]
         raise ScheduleError(
-            f"deadlock: {'; '.join(waits)}. A receive must match a send that its neighbour reaches without waiting "
-            "for this stage, in the same order on both ends of the link."
+            f"deadlock ({_MODELS[backend, posting]}): {'; '.join(waits)}. A transfer must meet its counterpart, "
+            "in the same order on both ends of the link, without either side waiting for the other first."
         )
-    for (sender, receiver, payload), queue in posted.items():
-        if queue:
+    for (sender, receiver), posted in sends.items():
+        unmatched = posted[len(receives[(sender, receiver)]) :]
+        if unmatched:
+            first = unmatched[0]
+            payload = INSTRUCTION_SPECS[type(first.instruction)].link.payload
             raise ScheduleError(
-                f"stage {sender} sends micro-batch {queue[0][0]}'s {payload} to stage {receiver}, which never "
+                f"stage {sender} sends micro-batch {first.micro_batch}'s {payload} to stage {receiver}, which never "
                 "receives it"
             )
     for replay in replays:
         replay.check_complete()
     timeline.sort(key=lambda event: (event.start, event.stage))
     return timeline, [replay.peak_activations for replay in replays]
+
+
+def _waits(transfer: _Transfer, sends_wait: bool) -> bool:
+    """Whether ``transfer`` holds its stage up until it meets its counterpart."""
+    return transfer.shapes or sends_wait or not INSTRUCTION_SPECS[type(transfer.instruction)].link.sends
+
+
+_MODELS = {
+    ("gloo", "batched"): "gloo: sends do not wait, receives wait for their send",
+    ("nccl", "batched"): "nccl: a send waits for its receive and a batch for all its transfers",
+    ("gloo", "blocking"): "DeepSpeed's blocking send and receive, one at a time",
+    ("nccl", "blocking"): "DeepSpeed's blocking send and receive, one at a time",
+}
+
+
+def _post(
+    replay: _StageReplay,
+    unit: _Unit,
+    sends: dict[tuple[int, int], list[_Transfer]],
+    receives: dict[tuple[int, int], list[_Transfer]],
+) -> list[_Transfer]:
+    """Post the unit's transfers at the stage's clock; a send's micro-batch (and its effect on the buffers, which
+    the engine frees once the tensor is handed over) is settled when it is posted."""
+    posted = []
+    for instruction in unit.instructions:
+        spec = replay.at(instruction)
+        peer = replay.peer(spec.link)
+        transfer = _Transfer(replay.stage, instruction, replay.clock, shapes=unit.kind == "shapes")
+        if spec.link.sends and not transfer.shapes:
+            transfer.micro_batch = replay._apply(instruction, spec, None)
+        queue = sends[(replay.stage, peer)] if spec.link.sends else receives[(peer, replay.stage)]
+        transfer.position = len(queue)
+        queue.append(transfer)
+        posted.append(transfer)
+    return posted
+
+
+def _partner(
+    replay: _StageReplay,
+    transfer: _Transfer,
+    sends: dict[tuple[int, int], list[_Transfer]],
+    receives: dict[tuple[int, int], list[_Transfer]],
+) -> _Transfer | None:
+    """The transfer ``transfer`` meets (the same position on the other end of the link), once it is posted."""
+    spec = INSTRUCTION_SPECS[type(transfer.instruction)]
+    peer = replay.stage + spec.link.peer
+    theirs = receives if spec.link.sends else sends
+    pair = (replay.stage, peer) if spec.link.sends else (peer, replay.stage)
+    if transfer.position >= len(theirs[pair]):
+        return None
+    partner = theirs[pair][transfer.position]
+    partner_spec = INSTRUCTION_SPECS[type(partner.instruction)]
+    if partner.shapes != transfer.shapes or partner_spec.link != spec.link.counterpart():
+        replay.at(transfer.instruction)
+        what = "the tensor shapes" if partner.shapes else f"{partner.instruction!r}"
+        raise replay.error(f"meets {what} of stage {peer}: transfers between two stages must pair up in order")
+    return partner
+
+
+def _complete(
+    replay: _StageReplay,
+    unit: _Unit,
+    partners: list[_Transfer],
+    costs: Mapping[str, Sequence[float]],
+    sends_wait: bool,
+) -> list[TimelineEvent]:
+    """Finish a posted unit once every transfer in it has met its partner: the events, and the stage's clock."""
+    events, waited, finish = [], replay.clock, replay.clock
+    for transfer, partner in zip(replay.posted, partners):
+        spec = INSTRUCTION_SPECS[type(transfer.instruction)]
+        if spec.link.sends and not _waits(transfer, sends_wait):
+            events.append(
+                TimelineEvent(replay.stage, type(transfer.instruction), transfer.micro_batch, waited, transfer.posted)
+            )
+            continue
+        sender = transfer if spec.link.sends else partner
+        cost = 0.0 if transfer.shapes else costs[spec.cost][sender.stage]
+        start, waited = waited, max(waited, max(transfer.posted, partner.posted) + cost)
+        finish = max(finish, waited)
+        if transfer.shapes:
+            continue
+        if spec.link.sends:
+            events.append(TimelineEvent(replay.stage, type(transfer.instruction), transfer.micro_batch, start, waited))
+        else:
+            events.append(replay.run(transfer.instruction, start, waited, incoming=partner.micro_batch))
+    replay.clock = finish
+    return events
+
+
+def _waiting(
+    replay: _StageReplay,
+    sends: dict[tuple[int, int], list[_Transfer]],
+    receives: dict[tuple[int, int], list[_Transfer]],
+    replays: list[_StageReplay],
+    sends_wait: bool,
+) -> str:
+    """Where a blocked stage stands: its step, what it posted, and the stages it waits for."""
+    unit = replay.unit
+    peers = sorted(
+        replay.stage + INSTRUCTION_SPECS[type(t.instruction)].link.peer
+        for t in replay.posted
+        if _partner(replay, t, sends, receives) is None and _waits(t, sends_wait)
+    )
+    if unit.kind == "shapes":
+        what = f"the tensor shapes before {unit.instructions[0]!r}"
+    elif len(unit.instructions) == 1:
+        what = repr(unit.instructions[0])
+    else:
+        what = f"batch [{', '.join(map(repr, unit.instructions))}]"
+    waits = [f"stage {peer}" + (", which has finished" if replays[peer].finished else "") for peer in peers]
+    return f"stage {replay.stage}, step {unit.step}, {what} waits for {' and '.join(waits)}"

@@ -39,6 +39,7 @@ class PartitionReport:
     schedule: str
     micro_batches: int
     micro_batches_assumed: bool
+    schedule_assumed: bool
     cost_unit: str | None
     stages: list[StageSummary]
     step_time: float | None
@@ -62,7 +63,8 @@ class PartitionReport:
         )
         assumed = " (micro_batches not given)" if self.micro_batches_assumed else ""
         lines = [
-            f"partition {self.method!r}: {len(self.stages)} stages, schedule {self.schedule}, "
+            f"partition {self.method!r}: {len(self.stages)} stages, schedule {self.schedule}"
+            f"{' (not named)' if self.schedule_assumed else ''}, "
             f"{self.micro_batches} micro-batches{assumed}; cost per micro-batch in {unit}",
             f"{'stage':>5}  {'layers':<9} {'cost':>10} {'share':>6} {'params':>8} {'memory':>10}  types",
         ]
@@ -128,6 +130,7 @@ def partition_report(
         schedule=ctx.schedule_name,
         micro_batches=micro_batches,
         micro_batches_assumed=ctx.micro_batches is None,
+        schedule_assumed=ctx.schedule is None,
         cost_unit=costs.unit if costs else None,
         stages=stages,
         step_time=step_time,

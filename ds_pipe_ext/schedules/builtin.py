@@ -35,9 +35,14 @@ class GPipeSchedule(ComputeOrderSchedule):
 
     All M micro-batches are in flight at the turn, so the stage needs M buffers, and the engine must keep a loss and
     a received gradient per buffer. Backwards run in reverse micro-batch order, GPipe's and autograd's order, so the
-    last stage starts with the micro-batch it forwarded last.
+    last stage starts with the micro-batch it forwarded last. On a clock, as 1F1B: stage s forwards micro-batch m at
+    step s + m and backwards it at step M + 2K - 2 - s + (M - 1 - m), so each transfer is sent in the step its
+    receiver receives it, which keeps GPipe valid even where every send waits for its receive.
     """
 
     def order(self) -> list[Pass | None]:
-        forwards = [Pass(FORWARD, m) for m in range(self.micro_batches)]
-        return [*forwards, *(Pass(FULL_BACKWARD, m) for m in reversed(range(self.micro_batches)))]
+        stage, stages, micro_batches = self.stage_id, self.stages, self.micro_batches
+        forwards = [Pass(FORWARD, m) for m in range(micro_batches)]
+        backwards = [Pass(FULL_BACKWARD, m) for m in reversed(range(micro_batches))]
+        turn = [None] * (2 * (stages - 1 - stage))
+        return [*[None] * stage, *forwards, *turn, *backwards, *[None] * stage]
