@@ -28,9 +28,10 @@ __all__ = [
 ]
 
 
-@dataclass
+@dataclass(eq=False)
 class _WeightGroup:
-    """Weights whose gradients leave the input path at the same joins, with what flowed into each join in I."""
+    """Weights whose gradients leave the input path at the same joins, with what flowed into each join in I.
+    Compared by identity: its fields hold tensors."""
 
     weights: list[torch.Tensor]
     joins: list[Node]
@@ -192,11 +193,14 @@ def _weight_groups(
     weights: Iterable[torch.Tensor], consumers: dict[Node, list[Node]], on_input_path: set[Node], roots: set[Node]
 ) -> list[_WeightGroup]:
     """Group the weights the outputs depend on by the input-path nodes their gradients join (a shared join
-    means one W call, so that no join's gradient is pushed to the weights twice)."""
-    groups: list[_WeightGroup] = []
+    means one W call, so that no join's gradient is pushed to the weights twice). Merged by the nodes' and groups'
+    identities: never by comparing tensors, which compares their values."""
+    group_of: dict[Node, _WeightGroup] = {}
+    seen: set[int] = set()
     for weight in weights:
-        if not weight.requires_grad:
+        if not weight.requires_grad or id(weight) in seen:
             continue
+        seen.add(id(weight))
         accumulator = _node(weight)
         if accumulator not in consumers:
             continue  # unused by the outputs
@@ -207,11 +211,11 @@ def _weight_groups(
                 "input, so I cannot leave its gradient to W; run a full backward (schedule 1f1b) for this model"
             )
         joins = reached & on_input_path
-        overlapping = [group for group in groups if joins.intersection(group.joins)]
-        merged = _WeightGroup([weight], list(joins), [])
-        for group in overlapping:
+        merged = _WeightGroup([weight], [], [])
+        for group in {id(group_of[join]): group_of[join] for join in joins if join in group_of}.values():
             merged.weights += group.weights
-            merged.joins += [join for join in group.joins if join not in merged.joins]
-            groups.remove(group)
-        groups.append(merged)
-    return groups
+            joins |= set(group.joins)
+        merged.joins = list(joins)
+        for join in joins:
+            group_of[join] = merged
+    return list({id(group): group for group in group_of.values()}.values())
