@@ -134,14 +134,10 @@ def test_a_gradient_hook_on_the_output_applies_once():
     assert_same_grads(model, [x], reference, [x_reference])
 
 
-def test_splits_it_cannot_do_are_refused():
+def test_outputs_and_gradients_must_pair_up():
     model = stage_model()
-    with pytest.raises(ValueError, match="needs an input that requires grad"):
-        backward_input([model(torch.randn(4, 3, 16, 16))], [torch.randn(4, 10)], [torch.randn(1)], model.parameters())
-    bias = nn.Parameter(torch.ones(10))
-    x = received_input()
-    with pytest.raises(ValueError, match="reaches an output that does not depend on the stage input"):
-        backward_input([model(x.clone()), bias * 2], [torch.randn(4, 10), torch.randn(10)], [x], [bias])
+    with pytest.raises(ValueError, match="2 outputs but 1 output gradients"):
+        backward_input([model(received_input()), torch.ones(1)], [torch.randn(4, 10)], [], model.parameters())
 
 
 # The zoo: stages built from the layers people train, each split against a full backward.
@@ -202,6 +198,17 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+class FirstStage(nn.Module):
+    """Token and position embeddings, then a block: the stage input is token ids, which require no grad."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens, self.positions, self.block = nn.Embedding(VOCAB, WIDTH), nn.Embedding(TOKENS, WIDTH), Block()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.block(self.tokens(ids) + self.positions(torch.arange(ids.shape[1])))
+
+
 class LastStage(nn.Module):
     """A block, the final norm and the head tied to the first stage's embedding (TiedLayerSpec's copy)."""
 
@@ -211,6 +218,30 @@ class LastStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.norm(self.block(x)), self.embedding.weight)
+
+
+class WholeGPT(nn.Module):
+    """Embedding, a block and the head tied to the embedding, in one stage fed token ids."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.norm = FirstStage(), nn.LayerNorm(WIDTH)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.norm(self.first(ids)), self.first.tokens.weight)
+
+
+class TupleStage(nn.Module):
+    """Tuples between stages: a hidden state, an integer mask and a second activation in; a hidden state, the mask,
+    a tensor that requires no grad and a second output out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block, self.mix = Block(), nn.Linear(WIDTH, WIDTH, bias=False)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, extra: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        hidden = self.block(x) * mask.unsqueeze(-1)
+        return hidden, mask, hidden.detach().sum(-1), self.mix(extra) + hidden
 
 
 class ParallelUses(nn.Module):
@@ -224,9 +255,24 @@ class ParallelUses(nn.Module):
         return self.shared(x) + self.shared(torch.tanh(self.other(x))) + self.shared(x.sin())
 
 
+class OutputOfWeightsAlone(nn.Module):
+    """An output computed from a weight alone, next to one computed from the input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear, self.offset = nn.Linear(WIDTH, WIDTH), nn.Parameter(torch.randn(WIDTH))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.linear(x) + self.offset, self.offset.exp()
+
+
 def hidden(micro_batch: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(micro_batch)
     return torch.randn(BATCH, TOKENS, WIDTH, generator=generator).requires_grad_()
+
+
+def token_ids(micro_batch: int) -> torch.Tensor:
+    return torch.randint(VOCAB, (BATCH, TOKENS), generator=torch.Generator().manual_seed(100 + micro_batch))
 
 
 @dataclass
@@ -271,8 +317,12 @@ ZOO = {
     "multihead_attention_block": Stage(lambda: Block(MultiheadSelfAttention), one_hidden),
     "llama_block": Stage(lambda: Block(llama=True), one_hidden),
     "two_blocks": Stage(sequential(Block, lambda: Block(llama=True)), one_hidden),
+    "first_stage_token_ids": Stage(FirstStage, lambda m: (token_ids(m),)),
     "last_stage_tied_head": Stage(LastStage, one_hidden),
+    "whole_gpt_tied_in_one_stage": Stage(WholeGPT, lambda m: (token_ids(m),)),
+    "tuples_in_and_out": Stage(TupleStage, lambda m: (hidden(m), token_ids(m) % 2, hidden(10 + m))),
     "one_linear_on_parallel_branches": Stage(ParallelUses, one_hidden),
+    "output_of_weights_alone": Stage(OutputOfWeightsAlone, one_hidden),
 }
 
 
@@ -353,6 +403,20 @@ def test_zoo_split_gives_a_full_backwards_gradients_and_flops_with_every_w_defer
     input_flops, weight_flops = (counter.get_total_flops() for counter in counters)
     assert input_flops + weight_flops == full.get_total_flops()
     assert weight_flops > 0
+
+
+def test_a_stage_fed_token_ids_leaves_the_whole_backward_to_w():
+    """The first stage: no input requires grad, so I has nothing to compute and W runs the full backward."""
+    case = ZOO["first_stage_token_ids"]
+    model = case.model()
+    ids = case.inputs(0)
+    outputs, output_grads = forward(model, ids)
+    with FlopCounterMode(display=False) as input_half:
+        pending = backward_input(outputs, output_grads, ids, model.parameters())
+    assert input_half.get_total_flops() == 0 and all(weight.grad is None for weight in model.parameters())
+    assert pending.nbytes() == output_grads[0].nbytes
+    backward_weight(pending)
+    assert all(weight.grad is not None for weight in model.parameters())
 
 
 def test_deepspeeds_activation_checkpointing_refuses_the_split():

@@ -7,6 +7,10 @@ weight's gradient leaves the path from the stage input to its outputs (a *join*:
 computes only its input-side gradient, and a pre-hook keeps the gradient that flowed into it; W restarts from
 those joins towards the weights only. ``torch.distributed.pipelining._backward`` does the same with private
 functions; this module uses public autograd (``GradientEdge``, node pre-hooks, ``backward(inputs=...)``).
+
+A weight whose gradient reaches an output without crossing the input path (a stage whose input is token ids, or
+an output computed from weights alone) still gets exactly a full backward's gradient: W starts at that output,
+with its gradient, as the full backward would.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,12 +34,15 @@ __all__ = [
 
 @dataclass(eq=False)
 class _WeightGroup:
-    """Weights whose gradients leave the input path at the same joins, with what flowed into each join in I.
-    Compared by identity: its fields hold tensors."""
+    """Weights whose gradients meet before they reach the input path or an output: one W call, so that no gradient
+    is pushed towards the weights twice. Compared by identity: its fields hold tensors."""
 
     weights: list[torch.Tensor]
-    joins: list[Node]
-    grads: list[tuple[torch.Tensor | None, ...]]
+    starts: set[Node]  # the joins, and the output nodes off the input path, their gradients reach
+    joins: list[Node] = field(default_factory=list)
+    join_grads: list[tuple[torch.Tensor | None, ...]] = field(default_factory=list)
+    output_edges: list[GradientEdge] = field(default_factory=list)
+    output_grads: list[torch.Tensor] = field(default_factory=list)
 
 
 @dataclass
@@ -46,12 +53,10 @@ class PendingWeightGrads:
 
     def nbytes(self) -> int:
         """Bytes of the gradients held for W (each storage once): what deferring W costs besides the activations."""
+        held = [grad for group in self.groups for grads in group.join_grads for grad in grads]
+        held += [grad for group in self.groups for grad in group.output_grads]
         storages = {
-            grad.untyped_storage().data_ptr(): grad.untyped_storage().nbytes()
-            for group in self.groups
-            for grads in group.grads
-            for grad in grads
-            if grad is not None
+            grad.untyped_storage().data_ptr(): grad.untyped_storage().nbytes() for grad in held if grad is not None
         }
         return sum(storages.values())
 
@@ -62,35 +67,44 @@ def backward_input(
     inputs: Sequence[torch.Tensor],
     weights: Iterable[torch.Tensor],
 ) -> PendingWeightGrads:
-    """Accumulate into each input's ``.grad`` what ``torch.autograd.backward(outputs, output_grads)`` would, without
-    computing any weight gradient, and return what :func:`backward_weight` needs to compute those later.
+    """Accumulate into each input's ``.grad`` what ``torch.autograd.backward(outputs, output_grads)`` would, and
+    return what :func:`backward_weight` needs to accumulate the weights' gradients later.
 
-    ``inputs`` are leaves the outputs were computed from; at least one must require grad. Every weight whose
-    gradient reaches the outputs must reach them through an input's path (true of any stage that transforms its
-    input); a weight the outputs do not depend on gets no gradient, as in a full backward.
+    ``inputs`` are the leaves the stage received; those that do not require grad (token ids, masks) are skipped,
+    and with none left I computes nothing and W the whole backward. Outputs that do not require grad are skipped
+    with their gradients. Leaves in neither ``inputs`` nor ``weights`` get no gradient.
     """
+    if len(outputs) != len(output_grads):
+        raise ValueError(f"{len(outputs)} outputs but {len(output_grads)} output gradients")
+    kept = [(output, grad) for output, grad in zip(outputs, output_grads) if output.requires_grad]
+    outputs, output_grads = [output for output, _ in kept], [grad for _, grad in kept]
     inputs = [tensor for tensor in inputs if tensor.requires_grad]
-    if not inputs:
-        raise ValueError("backward_input needs an input that requires grad; without one, run a full backward")
-    roots = [_node(tensor) for tensor in outputs]
+    output_edges = [get_gradient_edge(output) for output in outputs]
+    roots = [edge.node for edge in output_edges]
     consumers = _consumers(roots)
     on_input_path = _reachable([_node(tensor) for tensor in inputs], consumers)
     groups = _weight_groups(weights, consumers, on_input_path, set(roots))
+    for group in groups:
+        for edge, grad in zip(output_edges, output_grads):
+            if edge.node in group.starts and edge.node not in on_input_path:
+                group.output_edges.append(edge)
+                group.output_grads.append(grad)
 
-    captured: dict[Node, tuple[torch.Tensor | None, ...]] = {}
+    captured: dict[Node, tuple[torch.Tensor | None, ...]] = {}  # in the order I runs the joins
     handles = [
         join.register_prehook(lambda grads, join=join: captured.__setitem__(join, grads))
         for group in groups
-        for join in group.joins
+        for join in group.starts & on_input_path
     ]
     try:
-        torch.autograd.backward(list(outputs), list(output_grads), retain_graph=True, inputs=inputs)
+        if outputs and inputs:
+            torch.autograd.backward(outputs, output_grads, retain_graph=bool(groups), inputs=inputs)
     finally:
         for handle in handles:
             handle.remove()
     for group in groups:
-        group.joins = [join for join in group.joins if join in captured]  # no gradient reached the others
-        group.grads = [captured[join] for join in group.joins]
+        group.joins = [join for join in captured if join in group.starts]  # no gradient reached the others
+        group.join_grads = [captured[join] for join in group.joins]
     return PendingWeightGrads(groups)
 
 
@@ -98,11 +112,12 @@ def backward_weight(pending: PendingWeightGrads) -> None:
     """Accumulate the weight gradients :func:`backward_input` left pending into ``.grad``, and free the graph.
 
     Each join sees again exactly the gradient it saw in I: a node pre-hook sets it, after any tensor hook on the
-    join's output (DeepSpeed's gradient-accumulation scaling on a stage output) has run a second time.
+    join's output (DeepSpeed's gradient-accumulation scaling on a stage output) has run a second time. Outputs off
+    the input path start with their own gradient, and their hooks run here for the first time.
     """
     for group in pending.groups:
-        edges, grads = [], []
-        for join, join_grads in zip(group.joins, group.grads):
+        edges, grads = list(group.output_edges), list(group.output_grads)
+        for join, join_grads in zip(group.joins, group.join_grads):
             for index, grad in enumerate(join_grads):
                 if grad is not None:
                     edges.append(GradientEdge(join, index))
@@ -111,7 +126,7 @@ def backward_weight(pending: PendingWeightGrads) -> None:
             continue
         handles = [
             join.register_prehook(lambda _, saved=join_grads: saved)
-            for join, join_grads in zip(group.joins, group.grads)
+            for join, join_grads in zip(group.joins, group.join_grads)
         ]
         try:
             torch.autograd.backward(edges, grads, inputs=group.weights)
@@ -192,9 +207,9 @@ def _reachable(
 def _weight_groups(
     weights: Iterable[torch.Tensor], consumers: dict[Node, list[Node]], on_input_path: set[Node], roots: set[Node]
 ) -> list[_WeightGroup]:
-    """Group the weights the outputs depend on by the input-path nodes their gradients join (a shared join
-    means one W call, so that no join's gradient is pushed to the weights twice). Merged by the nodes' and groups'
-    identities: never by comparing tensors, which compares their values."""
+    """Group the weights the outputs depend on by the nodes where W starts for them: the input-path nodes their
+    gradients join, and the output nodes off the input path they reach. Weights that share a start share a W call.
+    Merged by the nodes' and groups' identities: never by comparing tensors, which compares their values."""
     group_of: dict[Node, _WeightGroup] = {}
     seen: set[int] = set()
     for weight in weights:
@@ -205,17 +220,11 @@ def _weight_groups(
         if accumulator not in consumers:
             continue  # unused by the outputs
         reached = _reachable([accumulator], consumers, stop=on_input_path)
-        if (reached & roots) - on_input_path:
-            raise ValueError(
-                f"a weight of shape {tuple(weight.shape)} reaches an output that does not depend on the stage "
-                "input, so I cannot leave its gradient to W; run a full backward (schedule 1f1b) for this model"
-            )
-        joins = reached & on_input_path
-        merged = _WeightGroup([weight], [], [])
-        for group in {id(group_of[join]): group_of[join] for join in joins if join in group_of}.values():
+        starts = (reached & on_input_path) | (reached & roots)
+        merged = _WeightGroup([weight], starts)
+        for group in {id(group_of[node]): group_of[node] for node in starts if node in group_of}.values():
             merged.weights += group.weights
-            joins |= set(group.joins)
-        merged.joins = list(joins)
-        for join in joins:
-            group_of[join] = merged
+            merged.starts |= group.starts
+        for node in merged.starts:
+            group_of[node] = merged
     return list({id(group): group for group in group_of.values()}.values())
