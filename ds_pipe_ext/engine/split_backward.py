@@ -8,9 +8,15 @@ computes only its input-side gradient, and a pre-hook keeps the gradient that fl
 those joins towards the weights only. ``torch.distributed.pipelining._backward`` does the same with private
 functions; this module uses public autograd (``GradientEdge``, node pre-hooks, ``backward(inputs=...)``).
 
-A weight whose gradient reaches an output without crossing the input path (a stage whose input is token ids, or
-an output computed from weights alone) still gets exactly a full backward's gradient: W starts at that output,
-with its gradient, as the full backward would.
+Two kinds of weight do not fit that picture, and both still get exactly a full backward's gradients:
+
+- a weight whose gradient reaches an output without crossing the input path (a stage whose input is token ids,
+  or an output computed from weights alone): W starts at that output, with its gradient, as the full backward
+  would;
+- a weight whose gradient joins the input path at two depths (a layer applied twice; an embedding tied to a head
+  on the same input path): W cannot restart at the deeper join without autograd redoing the input-side work
+  between the two joins (it runs every node on a path to a requested gradient), so I computes that weight's
+  gradient itself.
 """
 
 from __future__ import annotations
@@ -83,8 +89,14 @@ def backward_input(
     roots = [edge.node for edge in output_edges]
     consumers = _consumers(roots)
     on_input_path = _reachable([_node(tensor) for tensor in inputs], consumers)
-    groups = _weight_groups(weights, consumers, on_input_path, set(roots))
-    for group in groups:
+    deferred: list[_WeightGroup] = []
+    weights_in_i: list[torch.Tensor] = []
+    for group in _weight_groups(weights, consumers, on_input_path, set(roots)):
+        if _joins_nest(group, on_input_path):
+            weights_in_i += group.weights
+        else:
+            deferred.append(group)
+    for group in deferred:
         for edge, grad in zip(output_edges, output_grads):
             if edge.node in group.starts and edge.node not in on_input_path:
                 group.output_edges.append(edge)
@@ -93,19 +105,19 @@ def backward_input(
     captured: dict[Node, tuple[torch.Tensor | None, ...]] = {}  # in the order I runs the joins
     handles = [
         join.register_prehook(lambda grads, join=join: captured.__setitem__(join, grads))
-        for group in groups
+        for group in deferred
         for join in group.starts & on_input_path
     ]
     try:
-        if outputs and inputs:
-            torch.autograd.backward(outputs, output_grads, retain_graph=bool(groups), inputs=inputs)
+        if outputs and (inputs or weights_in_i):
+            torch.autograd.backward(outputs, output_grads, retain_graph=bool(deferred), inputs=inputs + weights_in_i)
     finally:
         for handle in handles:
             handle.remove()
-    for group in groups:
+    for group in deferred:
         group.joins = [join for join in captured if join in group.starts]  # no gradient reached the others
         group.join_grads = [captured[join] for join in group.joins]
-    return PendingWeightGrads(groups)
+    return PendingWeightGrads(deferred)
 
 
 def backward_weight(pending: PendingWeightGrads) -> None:
@@ -228,3 +240,23 @@ def _weight_groups(
         for node in merged.starts:
             group_of[node] = merged
     return list({id(group): group for group in group_of.values()}.values())
+
+
+def _joins_nest(group: _WeightGroup, on_input_path: set[Node]) -> bool:
+    """Whether one of the group's joins lies on the input path below another. W restarting at the upper join would
+    have autograd redo the input-side gradients down to the lower one: extra arithmetic, and an error where another
+    group's W call has already freed those nodes' saved tensors."""
+    joins = group.starts & on_input_path
+    if len(joins) < 2:
+        return False
+    for join in joins:
+        seen: set[Node] = set()
+        stack = [child for child, _ in join.next_functions if child in on_input_path]
+        while stack:
+            node = stack.pop()
+            if node in joins:
+                return True
+            if node not in seen:
+                seen.add(node)
+                stack += [child for child, _ in node.next_functions if child in on_input_path]
+    return False
