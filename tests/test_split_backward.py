@@ -1,5 +1,5 @@
 """The split backward, in one process: I + W give exactly one full backward's gradients (``torch.equal``) and
-arithmetic, on a zoo of stages built from standard layers."""
+arithmetic, on a zoo of stages built from standard layers, with and without activation checkpointing."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from deepspeed.runtime.activation_checkpointing import checkpointing as ds_checkpointing
 from torch import nn
+from torch.utils.checkpoint import checkpoint as torch_checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
 from ds_pipe_ext.engine.split_backward import backward_input, backward_weight, check_engine_can_split
@@ -451,13 +452,79 @@ def test_a_stage_fed_token_ids_leaves_the_whole_backward_to_w():
     assert all(weight.grad is not None for weight in model.parameters())
 
 
-def test_deepspeeds_activation_checkpointing_refuses_the_split():
-    """Why the engine refuses it: DeepSpeed's checkpoint function fails B, which names its inputs."""
-    model = stage_model()
-    x = received_input()
-    out = ds_checkpointing.non_reentrant_checkpoint(model, x)
+# Activation checkpointing: a checkpointed stage against the same stage without.
+
+
+class CountingBlock(Block):
+    """A block that takes and passes on token ids, as ``PipelineModule`` layers pass tuples, and counts its
+    forwards: the first, and each recomputation."""
+
+    def __init__(self, llama: bool = False) -> None:
+        super().__init__(llama=llama)
+        self.positions, self.forwards = nn.Embedding(VOCAB, WIDTH), 0
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.forwards += 1
+        return super().forward(x + self.positions(ids)), ids
+
+
+class CheckpointedStage(nn.Module):
+    """Two blocks, each checkpointed as ``PipelineModule.forward`` does: ``checkpoint(layers, *inputs)``."""
+
+    def __init__(self, checkpoint: Callable | None) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([CountingBlock(), CountingBlock(llama=True)])
+        self.checkpoint = checkpoint
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x, ids = self.checkpoint(block, x, ids) if self.checkpoint else block(x, ids)
+        return x
+
+    def forwards(self) -> int:
+        return sum(block.forwards for block in self.blocks)
+
+
+CHECKPOINTS = {
+    "torch_non_reentrant": (functools.partial(torch_checkpoint, use_reentrant=False), 1),
+    "deepspeed_non_reentrant": (ds_checkpointing.non_reentrant_checkpoint, 0),
+}
+
+
+@pytest.mark.parametrize("name", CHECKPOINTS)
+def test_checkpointed_stage_splits_into_the_gradients_of_the_stage_without_checkpoints(name):
+    """I recomputes each region once. DeepSpeed's non-reentrant checkpoint keeps what it recomputed while the graph
+    holds it, so W recomputes nothing; PyTorch's keeps it per backward call, so W recomputes each region once."""
+    checkpoint, w_recomputations = CHECKPOINTS[name]
+    torch.manual_seed(0)
+    reference = CheckpointedStage(None)
+    torch.manual_seed(0)
+    model = CheckpointedStage(checkpoint)
+    reference_inputs = [[hidden(m), token_ids(m)] for m in range(2)]
+    inputs = [[hidden(m), token_ids(m)] for m in range(2)]
+    full_backwards(reference, reference_inputs)
+
+    pending = []
+    for micro_batch, stage_inputs in enumerate(inputs):
+        outputs, output_grads = forward(model, stage_inputs, micro_batch)
+        pending.append(backward_input(outputs, output_grads, stage_inputs, model.parameters()))
+    assert model.forwards() == 2 * 2 * 2  # two blocks, two micro-batches: forward and I's recomputation
+    assert all(weight.grad is None for weight in model.parameters())
+    for weight_pass in pending:
+        backward_weight(weight_pass)
+
+    assert model.forwards() == 2 * 2 * (2 + w_recomputations)
+    assert_same_grads(model, sum(inputs, []), reference, sum(reference_inputs, []))
+
+
+def test_deepspeeds_reentrant_checkpoint_cannot_split():
+    """Why the engine refuses it: the checkpoint is one node whose backward runs a full backward of its layers, and
+    it refuses a backward that names its inputs, as I does (its stage input must require grad, as here)."""
+    model = CheckpointedStage(ds_checkpointing.checkpoint)
+    x, ids = hidden(0), token_ids(0)
+    out = model(x.clone(), ids)
     with pytest.raises(RuntimeError, match="Checkpointing is not compatible with .grad"):
-        backward_input([out], [torch.ones_like(out)], [x], model.parameters())
+        backward_input([out], [torch.ones_like(out)], [x, ids], model.parameters())
 
 
 # The engines the split cannot reproduce.
@@ -465,12 +532,16 @@ def test_deepspeeds_activation_checkpointing_refuses_the_split():
 
 def engine_config(**overrides) -> SimpleNamespace:
     settings = {"fp16": False, "bf16": False, "zero": 0, "partitioned": False, "dynamic": False, "checkpoint": 0}
+    settings["checkpoint_func"] = ds_checkpointing.checkpoint  # DeepSpeed's default: reentrant
     settings.update(overrides)
     return SimpleNamespace(
         fp16_enabled=lambda: settings["fp16"],
         bfloat16_enabled=lambda: settings["bf16"],
         zero_optimization_stage=lambda: settings["zero"],
-        module=SimpleNamespace(activation_checkpoint_interval=settings["checkpoint"]),
+        module=SimpleNamespace(
+            activation_checkpoint_interval=settings["checkpoint"],
+            activation_checkpoint_func=settings["checkpoint_func"],
+        ),
         is_pipe_partitioned=settings["partitioned"],
         is_grad_partitioned=False,
         dynamic_shape=settings["dynamic"],
@@ -485,7 +556,16 @@ def test_engines_the_split_cannot_reproduce_are_refused():
         check_engine_can_split(engine_config(fp16=True), backend="gloo")
     with pytest.raises(ValueError, match="has dynamic activation shapes"):
         check_engine_can_split(engine_config(dynamic=True), backend="gloo")
-    with pytest.raises(ValueError, match="has activation checkpointing"):
-        check_engine_can_split(engine_config(checkpoint=1), backend="gloo")
     with pytest.raises(ValueError, match="on the gloo backend, .*; this run has the nccl backend"):
         check_engine_can_split(engine_config(), backend="nccl")
+
+
+def test_only_reentrant_activation_checkpointing_is_refused():
+    with pytest.raises(ValueError, match=r'has reentrant activation checkpointing \(set "pipeline": {"use_reentrant"'):
+        check_engine_can_split(engine_config(checkpoint=1), backend="gloo")
+    reentrant_torch = functools.partial(torch_checkpoint, use_reentrant=True)
+    with pytest.raises(ValueError, match="has reentrant activation checkpointing"):
+        check_engine_can_split(engine_config(checkpoint=1, checkpoint_func=reentrant_torch), backend="gloo")
+    non_reentrant_torch = functools.partial(torch_checkpoint, use_reentrant=False)
+    for checkpoint_func in (ds_checkpointing.non_reentrant_checkpoint, non_reentrant_torch):
+        check_engine_can_split(engine_config(checkpoint=1, checkpoint_func=checkpoint_func), backend="gloo")

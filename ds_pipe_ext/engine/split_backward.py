@@ -17,18 +17,29 @@ Two kinds of weight do not fit that picture, and both still get exactly a full b
   on the same input path): W cannot restart at the deeper join without autograd redoing the input-side work
   between the two joins (it runs every node on a path to a requested gradient), so I computes that weight's
   gradient itself.
+
+Activation checkpointing: DeepSpeed's non-reentrant checkpoint recomputes a region at the first unpack of one of
+its saved tensors and keeps the recomputed tensors while the graph holds them, so I's recomputation serves W; it
+refuses to recompute inside a backward that names its inputs, so I unpacks one saved tensor per region before its
+backward. PyTorch's non-reentrant checkpoint keeps recomputed tensors per backward call, so W recomputes each
+region once more (one ``GraphExecGroup`` for all of W's calls). Reentrant checkpoints cannot be split: see
+:func:`check_engine_can_split`.
 """
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from collections.abc import Set as AbstractSet
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from deepspeed.runtime.activation_checkpointing import checkpointing as ds_checkpointing
 from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
+from torch.utils.checkpoint import GraphExecGroup
 
 __all__ = [
     "PendingWeightGrads",
@@ -101,6 +112,7 @@ def backward_input(
             if edge.node in group.starts and edge.node not in on_input_path:
                 group.output_edges.append(edge)
                 group.output_grads.append(grad)
+    _recompute_deepspeed_checkpoints([*roots, *consumers])
 
     captured: dict[Node, tuple[torch.Tensor | None, ...]] = {}  # in the order I runs the joins
     handles = [
@@ -127,24 +139,25 @@ def backward_weight(pending: PendingWeightGrads) -> None:
     join's output (DeepSpeed's gradient-accumulation scaling on a stage output) has run a second time. Outputs off
     the input path start with their own gradient, and their hooks run here for the first time.
     """
-    for group in pending.groups:
-        edges, grads = list(group.output_edges), list(group.output_grads)
-        for join, join_grads in zip(group.joins, group.join_grads):
-            for index, grad in enumerate(join_grads):
-                if grad is not None:
-                    edges.append(GradientEdge(join, index))
-                    grads.append(grad)
-        if not edges:
-            continue
-        handles = [
-            join.register_prehook(lambda _, saved=join_grads: saved)
-            for join, join_grads in zip(group.joins, group.join_grads)
-        ]
-        try:
-            torch.autograd.backward(edges, grads, inputs=group.weights)
-        finally:
-            for handle in handles:
-                handle.remove()
+    with _one_recomputation():
+        for group in pending.groups:
+            edges, grads = list(group.output_edges), list(group.output_grads)
+            for join, join_grads in zip(group.joins, group.join_grads):
+                for index, grad in enumerate(join_grads):
+                    if grad is not None:
+                        edges.append(GradientEdge(join, index))
+                        grads.append(grad)
+            if not edges:
+                continue
+            handles = [
+                join.register_prehook(lambda _, saved=join_grads: saved)
+                for join, join_grads in zip(group.joins, group.join_grads)
+            ]
+            try:
+                torch.autograd.backward(edges, grads, inputs=group.weights)
+            finally:
+                for handle in handles:
+                    handle.remove()
     pending.groups.clear()
 
 
@@ -152,21 +165,33 @@ def check_engine_can_split(engine: Any, backend: str | None = None) -> None:
     """Raise unless ``engine`` (a ``PipelineEngine``) trains in a way the split backward reproduces exactly.
 
     The split replaces DeepSpeed's fp32 backward of ZeRO stage 0; mixed precision and ZeRO add their own steps
-    around that backward (loss scaling, low-precision gradient copies, gradient hooks), which the halves skip, and
-    DeepSpeed's activation checkpointing refuses ``backward(inputs=...)``. The split schedules also need sends that
-    hold up nothing: partitioned or dynamically shaped activations go through DeepSpeed's blocking send, and on
-    nccl a send waits on the stream it shares with the receives from the same neighbour, so ZB-H1's order would
-    deadlock there. ``backend``: the process group's (default: torch.distributed's, once initialized).
+    around that backward (loss scaling, low-precision gradient copies, gradient hooks), which the halves skip.
+    A reentrant activation checkpoint (DeepSpeed's default, ``deepspeed.checkpointing.checkpoint``) is one autograd
+    node whose backward recomputes its layers and runs a full backward through them: it computes the weights'
+    gradients inside I, and it refuses to run at all in a backward that names its inputs ("Checkpointing is not
+    compatible with .grad()"); its non-reentrant counterpart (``"pipeline": {"use_reentrant": false}``) leaves
+    the layers' nodes in the graph, and splits. The split schedules also need sends that hold up nothing:
+    partitioned or dynamically shaped activations go through DeepSpeed's blocking send, and on nccl a send waits
+    on the stream it shares with the receives from the same neighbour, so ZB-H1's order would deadlock there.
+    ``backend``: the process group's (default: torch.distributed's, once initialized).
     """
     if backend is None and torch.distributed.is_initialized():
         backend = torch.distributed.get_backend()
+    module = engine.module
+    reentrant_checkpoints = getattr(module, "activation_checkpoint_interval", 0) > 0 and not _splits_checkpoints(
+        getattr(module, "activation_checkpoint_func", None)
+    )
     unsupported = [
         name
         for name, enabled in (
             ("fp16", engine.fp16_enabled()),
             ("bf16", engine.bfloat16_enabled()),
             (f"ZeRO stage {engine.zero_optimization_stage()}", engine.zero_optimization_stage() > 0),
-            ("activation checkpointing", getattr(engine.module, "activation_checkpoint_interval", 0) > 0),
+            (
+                'reentrant activation checkpointing (set "pipeline": {"use_reentrant": false} to checkpoint '
+                "with DeepSpeed's non-reentrant function, which splits)",
+                reentrant_checkpoints,
+            ),
             ("partitioned pipeline activations", engine.is_pipe_partitioned or engine.is_grad_partitioned),
             ("dynamic activation shapes", engine.dynamic_shape),
             (f"the {backend} backend", backend not in (None, "gloo")),
@@ -176,9 +201,21 @@ def check_engine_can_split(engine: Any, backend: str | None = None) -> None:
     if unsupported:
         raise ValueError(
             "split-backward schedules (zb-h1, 1f1b-split) run fp32 with ZeRO stage 0 only, on the gloo backend, "
-            "without activation checkpointing, on activations of fixed shape that are not partitioned; this run has "
-            f"{', '.join(unsupported)}: change that, or use schedule '1f1b'"
+            "without reentrant activation checkpointing, on activations of fixed shape that are not partitioned; "
+            f"this run has {', '.join(unsupported)}: change that, or use schedule '1f1b'"
         )
+
+
+def _splits_checkpoints(checkpoint_func: Any) -> bool:
+    """Whether a ``PipelineModule``'s checkpoint function leaves the checkpointed layers' nodes in the graph:
+    DeepSpeed's ``non_reentrant_checkpoint``, or PyTorch's checkpoint bound to ``use_reentrant=False``."""
+    if checkpoint_func is ds_checkpointing.non_reentrant_checkpoint:
+        return True
+    return (
+        isinstance(checkpoint_func, functools.partial)
+        and checkpoint_func.func is torch.utils.checkpoint.checkpoint
+        and checkpoint_func.keywords.get("use_reentrant") is False
+    )
 
 
 def _node(tensor: torch.Tensor) -> Node:
@@ -260,3 +297,50 @@ def _joins_nest(group: _WeightGroup, on_input_path: set[Node]) -> bool:
                 seen.add(node)
                 stack += [child for child, _ in node.next_functions if child in on_input_path]
     return False
+
+
+def _recompute_deepspeed_checkpoints(nodes: Iterable[Node]) -> None:
+    """Have each region checkpointed by DeepSpeed's ``non_reentrant_checkpoint`` recompute now, outside any
+    backward. It recomputes at the first unpack of one of its saved tensors and raises ("Checkpointing is not
+    compatible with .grad()") when that happens in a backward that names its inputs, as I does; once recomputed,
+    it hands out the kept tensors in any backward, I's and W's, until the graph lets go of them."""
+    regions: dict[int, torch._C._autograd.SavedTensor] = {}  # one saved tensor per region: per unpack closure
+    for node in nodes:
+        for saved in _saved_tensors(node):
+            if _is_deepspeed_unpack(saved.unpack_hook):
+                regions.setdefault(id(saved.unpack_hook), saved)
+    for saved in regions.values():
+        saved.unpack()
+
+
+def _is_deepspeed_unpack(hook: Any) -> bool:
+    """Whether an unpack hook is the closure ``non_reentrant_checkpoint`` made for one checkpointed region."""
+    qualname = getattr(hook, "__qualname__", "")
+    return getattr(hook, "__module__", None) == ds_checkpointing.__name__ and qualname.startswith(
+        "non_reentrant_checkpoint."
+    )
+
+
+def _saved_tensors(node: Node) -> Iterator[torch._C._autograd.SavedTensor]:
+    """The tensors a node saved for its backward, still packed."""
+    for name in _raw_saved_names(type(node)):
+        value = getattr(node, name)
+        for saved in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(saved, torch._C._autograd.SavedTensor):
+                yield saved
+
+
+@functools.cache
+def _raw_saved_names(node_type: type) -> tuple[str, ...]:
+    return tuple(name for name in dir(node_type) if name.startswith("_raw_saved_"))
+
+
+@contextmanager
+def _one_recomputation() -> Iterator[None]:
+    """Have PyTorch's non-reentrant checkpoint recompute each region once for all of W's backward calls (which run
+    disjoint parts of the graph) instead of once per call; a caller's own group is left in charge."""
+    if GraphExecGroup._get_current_group() is not None:
+        yield
+        return
+    with GraphExecGroup():
+        yield
