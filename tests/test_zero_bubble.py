@@ -1,179 +1,22 @@
-"""ZB-H1: the split backward computes exactly one backward's gradients and arithmetic; the schedule is valid, has the
-paper's bubble and 1F1B's memory bound; training with it matches 1F1B and the 1-stage run."""
+"""ZB-H1: the schedule is valid, has the paper's bubble and 1F1B's memory bound; training with it matches 1F1B and the
+1-stage run. The split backward itself is tested in ``test_split_backward.py``."""
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
-from types import SimpleNamespace
 
 import pytest
 import torch
 from deepspeed.runtime.pipe.schedule import BackwardPass, ForwardPass
 from launch import run_example
 from test_training import layer_weights
-from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
-from ds_pipe_ext.engine.split_backward import backward_input, backward_weight, check_engine_can_split
 from ds_pipe_ext.observe.simulation import ScheduleError, simulate, validate
 from ds_pipe_ext.schedules import BackwardInputPass, ComputeOrderSchedule, Pass, get_schedule
 from ds_pipe_ext.schedules.zero_bubble import SplitOneFOneBSchedule, ZBH1Schedule
 
 GRID = [(stages, micro_batches) for stages in range(1, 7) for micro_batches in range(1, 13)]
-
-
-# The split backward, on one process.
-
-
-def stage_model() -> nn.Module:
-    """Conv, in-place ReLU, pooling, a view and Linear layers: the kinds of node an AlexNet stage has."""
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),
-        nn.ReLU(inplace=True),
-        nn.MaxPool2d(2),
-        nn.Conv2d(8, 8, 3),
-        nn.ReLU(),
-        nn.Flatten(1),
-        nn.Linear(8 * 6 * 6, 16),
-        nn.ReLU(),
-        nn.Linear(16, 10),
-    )
-
-
-def received_input(micro_batch: int = 0) -> torch.Tensor:
-    """A received activation as DeepSpeed keeps it: a leaf that requires grad (the forward runs on a clone)."""
-    return torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(micro_batch)).requires_grad_()
-
-
-def full_backward(model: nn.Module, inputs: list[torch.Tensor], output_grad: torch.Tensor) -> None:
-    for x in inputs:
-        model(x.clone()).backward(output_grad)
-
-
-def grads(model: nn.Module, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-    return [x.grad for x in inputs] + [p.grad for p in model.parameters()]
-
-
-def test_b_then_w_gives_exactly_the_gradients_and_flops_of_one_backward():
-    model, reference = stage_model(), stage_model()
-    x, x_reference, output_grad = received_input(), received_input(), torch.randn(4, 10)
-    reference_output = reference(x_reference.clone())
-    with FlopCounterMode(display=False) as full:
-        reference_output.backward(output_grad)
-    outputs = [model(x.clone())]
-
-    with FlopCounterMode(display=False) as input_half:
-        pending = backward_input(outputs, [output_grad], [x], model.parameters())
-    assert x.grad is not None and all(p.grad is None for p in model.parameters())
-    with FlopCounterMode(display=False) as weight_half:
-        backward_weight(pending)
-
-    for grad, expected in zip(grads(model, [x]), grads(reference, [x_reference])):
-        assert torch.equal(grad, expected)
-    assert 0 < input_half.get_total_flops() < full.get_total_flops()
-    assert input_half.get_total_flops() + weight_half.get_total_flops() == full.get_total_flops()
-
-
-def test_deferred_weight_passes_accumulate_like_successive_backwards():
-    model, reference = stage_model(), stage_model()
-    inputs, reference_inputs = [received_input(m) for m in range(3)], [received_input(m) for m in range(3)]
-    output_grad = torch.randn(4, 10)
-    full_backward(reference, reference_inputs, output_grad)
-
-    pending = [backward_input([model(x.clone())], [output_grad], [x], model.parameters()) for x in inputs]
-    for weight_pass in pending:  # every W after all three B passes: deferred, as in ZB-H1
-        backward_weight(weight_pass)
-
-    for grad, expected in zip(grads(model, inputs), grads(reference, reference_inputs)):
-        torch.testing.assert_close(grad, expected, rtol=1e-6, atol=0)
-
-
-class SharedWeightBlock(nn.Module):
-    """Two inputs, two outputs, and one Linear used at two depths: weights whose gradients join the input path at
-    more than one node."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(1)
-        self.shared, self.other = nn.Linear(6, 6), nn.Linear(6, 6)
-
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.shared(torch.tanh(self.other(a) + b))
-        return self.shared(hidden), hidden * 2
-
-
-def test_weights_joining_the_input_path_twice_get_the_full_backwards_gradients():
-    model, reference = SharedWeightBlock(), SharedWeightBlock()
-    inputs = [torch.randn(3, 6, requires_grad=True) for _ in range(2)]
-    reference_inputs = [x.detach().clone().requires_grad_() for x in inputs]
-    output_grads = [torch.randn(3, 6), torch.randn(3, 6)]
-    torch.autograd.backward(list(reference(*reference_inputs)), output_grads)
-
-    backward_weight(backward_input(list(model(*inputs)), output_grads, inputs, model.parameters()))
-
-    for grad, expected in zip(grads(model, inputs), grads(reference, reference_inputs)):
-        torch.testing.assert_close(grad, expected, rtol=1e-6, atol=1e-7)
-
-
-def test_a_gradient_hook_on_the_output_applies_once():
-    """DeepSpeed divides the last stage's output gradient by the accumulation steps in a tensor hook; W restarts at
-    the node that produced the output, where that hook would fire a second time."""
-    model, reference = stage_model(), stage_model()
-    x, x_reference, output_grad = received_input(), received_input(), torch.randn(4, 10)
-    reference_output = reference(x_reference.clone())
-    reference_output.register_hook(lambda grad: grad / 4)
-    reference_output.backward(output_grad)
-
-    output = model(x.clone())
-    output.register_hook(lambda grad: grad / 4)
-    backward_weight(backward_input([output], [output_grad], [x], model.parameters()))
-
-    for grad, expected in zip(grads(model, [x]), grads(reference, [x_reference])):
-        assert torch.equal(grad, expected)
-
-
-def test_splits_it_cannot_do_are_refused():
-    model = stage_model()
-    with pytest.raises(ValueError, match="needs an input that requires grad"):
-        backward_input([model(torch.randn(4, 3, 16, 16))], [torch.randn(4, 10)], [torch.randn(1)], model.parameters())
-    bias = nn.Parameter(torch.ones(10))
-    x = received_input()
-    with pytest.raises(ValueError, match="reaches an output that does not depend on the stage input"):
-        backward_input([model(x.clone()), bias * 2], [torch.randn(4, 10), torch.randn(10)], [x], [bias])
-
-
-def engine_config(**overrides) -> SimpleNamespace:
-    settings = {"fp16": False, "bf16": False, "zero": 0, "checkpoint": 0}
-    settings.update(overrides)
-    return SimpleNamespace(
-        fp16_enabled=lambda: settings["fp16"],
-        bfloat16_enabled=lambda: settings["bf16"],
-        zero_optimization_stage=lambda: settings["zero"],
-        module=SimpleNamespace(activation_checkpoint_interval=settings["checkpoint"]),
-    )
-
-
-def test_engines_the_split_cannot_reproduce_are_refused():
-    check_engine_can_split(engine_config())
-    with pytest.raises(ValueError, match=r"fp32 with ZeRO stage 0 only, .*; this run has bf16, ZeRO stage 1: .*1f1b"):
-        check_engine_can_split(engine_config(bf16=True, zero=1))
-    with pytest.raises(ValueError, match="has fp16"):
-        check_engine_can_split(engine_config(fp16=True))
-    with pytest.raises(ValueError, match="has activation checkpointing"):
-        check_engine_can_split(engine_config(checkpoint=1))
-
-
-def test_deepspeeds_activation_checkpointing_refuses_the_split():
-    """Why the engine refuses it: DeepSpeed's checkpoint function fails B, which names its inputs."""
-    from deepspeed.runtime.activation_checkpointing import checkpointing
-
-    model = stage_model()
-    x = received_input()
-    out = checkpointing.non_reentrant_checkpoint(model, x)
-    with pytest.raises(RuntimeError, match="Checkpointing is not compatible with .grad"):
-        backward_input([out], [torch.ones_like(out)], [x], model.parameters())
 
 
 # The schedule.
