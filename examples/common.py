@@ -21,6 +21,7 @@ An example script puts this folder on ``sys.path`` and imports this module, and 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import time
@@ -58,10 +59,10 @@ class Example:
     """What an example trains; the builders are called when needed (on the meta device for the checks).
 
     ``layers`` builds the pipeline layer list (modules or ``LayerSpec``s) and ``model`` the same network as one
-    module for ``-p 0``; both must start from the same weights after ``torch.manual_seed(seed)``.
-    ``sample_input(micro_batch)`` is a micro-batch for shape-based partition methods; ``trainset()`` returns the
-    dataset and a one-line description, and runs once the process group exists. ``settings`` are the example's
-    own entries of the log, written first; ``pipeline_options`` are more ``PipelineModule`` arguments.
+    module for ``-p 0``, from the same initial weights, so that every layout trains alike. ``sample_input(micro_batch)``
+    is a micro-batch for shape-based partition methods; ``trainset()`` returns the dataset and a one-line description,
+    and runs once the process group exists. ``settings`` are the example's own entries of the log, written first;
+    ``pipeline_options`` are more ``PipelineModule`` arguments.
     """
 
     layers: Callable[[], list[Any]]
@@ -296,6 +297,8 @@ def train_pipe(args: argparse.Namespace, plan: RunPlan, log: dict) -> None:
         loss = engine.train_batch()
         record_step(log, step, loss.item(), time.perf_counter() - start, engine.train_batch_size(), args.steps)
         checkpoint_if_due(engine, args, plan, step, log)
+    if module.tied_comms:
+        report_tied_weights(module, log)
     if args.trace:
         report_trace(engine.save_trace(), log)
 
@@ -321,6 +324,30 @@ def checkpoint_if_due(engine: Any, args: argparse.Namespace, plan: RunPlan, step
         log["checkpoints"].append(str(path))
         if dist.get_rank() == 0:
             print(f"checkpoint: {path}", flush=True)
+
+
+def report_tied_weights(module: ds_pipe_ext.PipelineModule, log: dict) -> None:
+    """Whether the copies of each tied weight (one per stage that uses it, per replica) ended bit for bit equal, as
+    DeepSpeed's all-reduce of their gradients should keep them. A collective: every rank calls it."""
+    digests = {
+        key: [_digest(module.tied_modules[key].get_parameter(attr)) for attr in tied["weight_attr"]]
+        for key, tied in module.tied_comms.items()
+    }
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (module.stage_id, digests))
+    tied_weights = {}
+    for key in sorted({key for _, rank_digests in gathered for key in rank_digests}):
+        copies = [(stage, rank_digests[key]) for stage, rank_digests in gathered if key in rank_digests]
+        equal = all(digest == copies[0][1] for _, digest in copies)
+        tied_weights[key] = {"stages": sorted({stage for stage, _ in copies}), "equal": equal}
+        if dist.get_rank() == 0:
+            verdict = "equal" if equal else "DIFFERENT"
+            print(f"tied weights {key!r}: the copies on stages {tied_weights[key]['stages']} are {verdict}", flush=True)
+    log["tied_weights"] = tied_weights
+
+
+def _digest(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 def report_trace(path: str | os.PathLike | None, log: dict) -> None:

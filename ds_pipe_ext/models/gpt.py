@@ -29,7 +29,8 @@ TIED_KEY = "embed"
 
 @dataclass(frozen=True)
 class GPTConfig:
-    """The network's sizes. The defaults train 40 steps on 2 CPU ranks in about a minute."""
+    """The network's sizes. The defaults (0.8 M parameters) are sized for CPUs: the example trains 40 steps on 2 CPU
+    ranks in about a minute."""
 
     vocab_size: int = 64
     seq_len: int = 64
