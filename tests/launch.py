@@ -1,16 +1,22 @@
-"""Run scripts under DeepSpeed's own launcher, as users do, on CPU ranks (gloo)."""
+"""Run scripts under DeepSpeed's own launcher, as users do, on CPU ranks (gloo), and read what the runs leave."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "alexnet_cifar" / "train.py"
+GPT_EXAMPLE = ROOT / "examples" / "gpt" / "train.py"
 DEEPSPEED = Path(sys.executable).with_name("deepspeed")
 
 
@@ -51,12 +57,60 @@ def write_config(path: Path, train_batch: int, micro_batch: int, **extra) -> Pat
     return path
 
 
-def run_example(tmp: Path, name: str, ranks: int, config: Path, args: list[str]) -> dict:
-    """Run the example and return its ``--log-json`` record; fail with its output if it fails."""
+def import_script(script: Path, name: str) -> ModuleType:
+    """An example's script as a module named ``name`` (its ``main`` not run), to check it in this process."""
+    spec = importlib.util.spec_from_file_location(name, script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_example(tmp: Path, name: str, ranks: int, config: Path, args: list[str], script: Path = EXAMPLE) -> dict:
+    """Run an example (default: AlexNet's) and return its ``--log-json`` record; fail with its output if it fails."""
     log = tmp / f"{name}.json"
-    result = launch(EXAMPLE, ["--deepspeed_config", str(config), "--log-json", str(log), *args], ranks)
+    result = launch(script, ["--deepspeed_config", str(config), "--log-json", str(log), *args], ranks)
     if result.returncode != 0 or not log.exists():
         raise AssertionError(f"{name} failed ({result.returncode}):\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}")
     record = json.loads(log.read_text())
     record["stdout"] = result.stdout
     return record
+
+
+def losses(record: dict) -> list[float]:
+    return [step["loss"] for step in record["steps"]]
+
+
+def assert_close(actual: list[float], expected: list[float], rtol: float) -> None:
+    assert len(actual) == len(expected) >= 5
+    torch.testing.assert_close(torch.tensor(actual), torch.tensor(expected), rtol=rtol, atol=0)
+
+
+def layer_weights(save_dir: Path) -> dict[str, torch.Tensor]:
+    """Weights of the latest checkpoint in ``save_dir``, from DeepSpeed's per-layer pipeline files, keyed by
+    layer and name."""
+    weights = {}
+    for path in sorted(latest_checkpoint(save_dir).glob("layer_*-model_states.pt")):
+        layer = path.name.split("-")[0]
+        for name, tensor in torch.load(path, map_location="cpu", weights_only=True).items():
+            weights[f"{layer}.{name}"] = tensor
+    return weights
+
+
+def data_parallel_weights(save_dir: Path, layer_key: Callable[[str], str]) -> dict[str, torch.Tensor]:
+    """Weights of the latest checkpoint of a non-pipeline run (``-p 0``), keyed as ``layer_weights`` by
+    ``layer_key(name)``."""
+    path = latest_checkpoint(save_dir) / "mp_rank_00_model_states.pt"
+    return {layer_key(name): tensor for name, tensor in torch.load(path, weights_only=False)["module"].items()}
+
+
+def latest_checkpoint(save_dir: Path) -> Path:
+    return save_dir / (save_dir / "latest").read_text().strip()
+
+
+def assert_weights_close(weights: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], rtol: float) -> None:
+    """Per tensor, in norm: float sums differ in their last bits, and Adam turns that into ~1e-5 absolute noise on
+    weights whose gradient is ~0, so elementwise checks would fail."""
+    assert reference and weights.keys() == reference.keys()
+    for key, tensor in weights.items():
+        relative = (tensor - reference[key]).norm() / reference[key].norm()
+        assert relative <= rtol, f"{key}: {relative:.2e}"

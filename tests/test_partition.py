@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ds_pipe_ext.cli import main
+from ds_pipe_ext.models.gpt import GPT, GPTConfig, gpt_layers
 from ds_pipe_ext.models.vision import build_layers
 from ds_pipe_ext.partition import (
     PartitionContext,
@@ -270,20 +271,35 @@ def test_type_errors_list_the_layer_types():
 # ---- flops and memory ---------------------------------------------------------------------------------------------
 
 
-def test_flops_per_layer_add_up_to_pytorchs_count_of_the_whole_model():
-    layers = build_layers("alexnet", dropout=0.0)
-    sample = torch.randn(2, 3, 64, 64)
-    stats = PartitionContext(layers, 2, sample_input=sample).stats()
-    model = nn.Sequential(*layers)
+def whole_model_flops(model: nn.Module, sample: torch.Tensor) -> tuple[int, int]:
+    """PyTorch's count of the forward and the backward FLOPs of ``model`` on ``sample``, all in one piece."""
     with FlopCounterMode(display=False) as forward:
         out = model(sample)
     with FlopCounterMode(display=False) as backward:
         out.sum().backward()
-    assert sum(stats.forward_flops) == forward.get_total_flops() > 0
-    assert sum(stats.backward_flops) == backward.get_total_flops() > 0
+    return forward.get_total_flops(), backward.get_total_flops()
+
+
+def test_flops_per_layer_add_up_to_pytorchs_count_of_the_whole_model():
+    layers = build_layers("alexnet", dropout=0.0)
+    sample = torch.randn(2, 3, 64, 64)
+    stats = PartitionContext(layers, 2, sample_input=sample).stats()
+    forward, backward = whole_model_flops(nn.Sequential(*layers), sample)
+    assert sum(stats.forward_flops) == forward > 0 and sum(stats.backward_flops) == backward > 0
     ctx = PartitionContext(layers, 3, sample_input=sample)
     totals = [f + b for f, b in zip(stats.forward_flops, stats.backward_flops)]
     assert get_partition_method("flops")(ctx) == balance(totals, 3)
+
+
+def test_flops_count_a_tied_heads_backward_as_its_own():
+    """The head shares the embedding's weight: its backward must not run on through the network to the embedding."""
+    config = GPTConfig(vocab_size=32, seq_len=16, width=32, heads=4, layers=2)
+    tokens = torch.zeros(2, config.seq_len, dtype=torch.long, device="meta")
+    stats = PartitionContext(gpt_layers(config), 2, sample_input=tokens).stats()
+    with torch.device("meta"):  # as the count runs: on CPU, PyTorch's counter has no formula for CPU attention
+        forward, backward = whole_model_flops(GPT(config), tokens)
+    assert sum(stats.forward_flops) == forward > 0 and sum(stats.backward_flops) == backward > 0
+    assert stats.backward_flops[-1] == 2 * stats.forward_flops[-1]  # the gradients of its input and of the weight
 
 
 def test_counting_leaves_modules_and_random_state_alone():

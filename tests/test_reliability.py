@@ -6,7 +6,6 @@ under DeepSpeed's launcher on CPU ranks, as ``test_training`` does.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shutil
@@ -21,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from launch import DEEPSPEED, EXAMPLE, ROOT, free_port, launch, run_example, write_config
+from launch import DEEPSPEED, EXAMPLE, ROOT, free_port, import_script, launch, losses, run_example, write_config
 from torch import nn
 
 import ds_pipe_ext
@@ -185,16 +184,14 @@ def test_a_plain_deepspeed_checkpoint_is_told_apart(single_rank_group, tmp_path)
 
 @pytest.fixture(scope="module")
 def example():
-    spec = importlib.util.spec_from_file_location("alexnet_cifar_train", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return import_script(EXAMPLE, "alexnet_cifar_train")
 
 
 def run_plan(example, monkeypatch, tmp_path, world_size: int, args: list[str], train_batch: int = 32):
     monkeypatch.setenv("WORLD_SIZE", str(world_size))
     config = write_config(tmp_path / "ds_config.json", train_batch=train_batch, micro_batch=4)
-    return example.RunPlan(example.get_args(["--deepspeed_config", str(config), "--image-size", "64", *args]))
+    args = example.get_args(["--deepspeed_config", str(config), "--image-size", "64", *args])
+    return example.RunPlan(args, example.build_example(args))
 
 
 # (world size, arguments, train batch, what the error says: the problem and its fix)
@@ -328,10 +325,6 @@ def test_a_clean_exit_with_live_peers_reports_nothing(single_rank_group, sleeper
 # layers on stage 0 (layers 0-18 of 22), and every resumed layout below keeps them on rank 0, whose random state the
 # checkpoint restores.
 COMMON = ["--dataset", "synthetic", "--image-size", "64", "--dropout", "0.5", "--steps", "4", "--seed", "7"]
-
-
-def losses(record: dict) -> list[float]:
-    return [step["loss"] for step in record["steps"]]
 
 
 @pytest.fixture(scope="module")

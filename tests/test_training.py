@@ -7,23 +7,12 @@ launcher on CPU ranks; the tests compare their per-step losses and final weights
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-import torch
+from launch import assert_close, assert_weights_close, data_parallel_weights, layer_weights, losses
 
 from ds_pipe_ext.models.vision import build_model, join_layers
 
 pytestmark = pytest.mark.slow
-
-
-def losses(record: dict) -> list[float]:
-    return [step["loss"] for step in record["steps"]]
-
-
-def assert_close(actual: list[float], expected: list[float], rtol: float) -> None:
-    assert len(actual) == len(expected) >= 5
-    torch.testing.assert_close(torch.tensor(actual), torch.tensor(expected), rtol=rtol, atol=0)
 
 
 @pytest.mark.parametrize("layout", ["one_stage", "deepspeed", "1f1b", "gpipe", "gpipe_pipe2_data2"])
@@ -37,27 +26,15 @@ def test_schedules_match_deepspeed_and_one_stage(oracle_runs, schedule):
     assert_close(losses(oracle_runs[schedule]), losses(oracle_runs["one_stage"]), rtol=1e-5)
 
 
-def layer_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """Final weights from DeepSpeed's per-layer pipeline checkpoint files, keyed by layer and name."""
-    weights = {}
-    for path in sorted(checkpoint.glob("*/layer_*-model_states.pt")):
-        layer = path.name.split("-")[0]
-        for name, tensor in torch.load(path, map_location="cpu", weights_only=True).items():
-            weights[f"{layer}.{name}"] = tensor
-    return weights
-
-
-def data_parallel_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """Final weights of the non-pipeline run (``-p 0``), keyed by pipeline layer and name as ``layer_weights``."""
+def alexnet_layer_key() -> dict[str, str]:
+    """The pipeline layer and name (``layer_weights``'s keys) of each parameter of the non-pipeline AlexNet."""
     net = build_model("alexnet")
     names = {id(parameter): name for name, parameter in net.named_parameters()}
-    layer_key = {
+    return {
         names[id(parameter)]: f"layer_{index:02d}.{name}"
         for index, layer in enumerate(join_layers(net))
         for name, parameter in layer.named_parameters()
     }
-    (path,) = checkpoint.glob("*/mp_rank_00_model_states.pt")
-    return {layer_key[name]: tensor for name, tensor in torch.load(path, weights_only=False)["module"].items()}
 
 
 @pytest.mark.parametrize(
@@ -74,14 +51,11 @@ def test_final_weights_match_the_run_that_sums_gradients_alike(oracle_runs, layo
     (two replicas of 4, all-reduced): runs that sum the micro-batch gradients in another order differ in the last
     bits, and Adam turns that into up to ~3e-5 on weights whose gradient is ~0."""
     checkpoint = oracle_runs[reference]["checkpoint"]
-    reference = layer_weights(checkpoint) if reference == "deepspeed" else data_parallel_weights(checkpoint)
-    weights = layer_weights(oracle_runs[layout]["checkpoint"])
-    assert reference and weights.keys() == reference.keys()
-    for key, tensor in weights.items():
-        # Per tensor, in norm: float sums differ in their last bits, and Adam turns that into ~1e-5 absolute noise
-        # on weights whose gradient is ~0, so elementwise checks would fail.
-        relative = (tensor - reference[key]).norm() / reference[key].norm()
-        assert relative <= 1e-5, f"{key}: {relative:.2e}"
+    if reference == "deepspeed":
+        reference = layer_weights(checkpoint)
+    else:
+        reference = data_parallel_weights(checkpoint, alexnet_layer_key().__getitem__)
+    assert_weights_close(layer_weights(oracle_runs[layout]["checkpoint"]), reference, rtol=1e-5)
 
 
 def test_runs_report_their_layout(oracle_runs):

@@ -142,10 +142,9 @@ def count_layer_stats(layers: Sequence[Any], sample: Any = None) -> LayerStats:
     x = None if sample is None else _map_tensors(sample, lambda t: t.detach().to("meta"))
     if x is not None:
         boundary.append(frozenset(key_of(t) for t in _tensors(x)))
-    tied: dict[str, nn.Module] = {}
     with _rng_preserved(torch.device("cpu")):
         for layer in layers:
-            fn, tensors = _on_meta(layer, tied)
+            fn, tensors = _on_meta(layer)
             trainable = [t for t in tensors if t.requires_grad]
             params.append(sum(t.numel() for t in trainable))
             param_bytes.append(sum(t.numel() * t.element_size() for t in tensors))
@@ -376,11 +375,16 @@ def _time_optimizer_step(parameters: list[torch.Tensor], repeats: int, device: t
     return statistics.median(times[1:])
 
 
-def _on_meta(layer: Any, tied: dict[str, nn.Module]) -> tuple[Callable[[Any], Any], list[torch.Tensor]]:
-    """``layer`` as a function of meta tensors, and the parameters and buffers it computes with."""
+def _on_meta(layer: Any) -> tuple[Callable[[Any], Any], list[torch.Tensor]]:
+    """``layer`` as a function of meta tensors, and the parameters and buffers it computes with.
+
+    Each use of a tied layer gets a module of its own: were the module shared, the gradient of the tied weight
+    would flow from its second use back through every layer to its first, and a tied output head's backward would
+    count the whole network's.
+    """
     if isinstance(layer, LayerSpec):
         with torch.device("meta"):
-            module = _build(layer, tied)
+            module = layer.build()
         return _forward_of(layer, module), [*module.parameters(), *module.buffers()]
     if isinstance(layer, nn.Module):
         state = {
