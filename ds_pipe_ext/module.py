@@ -19,7 +19,7 @@ from deepspeed.accelerator import get_accelerator
 from deepspeed.utils import logger
 
 from .partition import PartitionContext, SampleInput, get_partition_method, partition_report
-from .schedules import schedule_name
+from .schedules import Layout, get_schedule, schedule_name
 
 _DEEPSPEED_INIT = inspect.signature(deepspeed.pipe.PipelineModule.__init__)
 
@@ -41,6 +41,9 @@ class PipelineModule(deepspeed.pipe.PipelineModule):
             :func:`ds_pipe_ext.initialize` refuses a run whose schedule disagrees with it.
         memory_budget: bytes per device; ``memory`` then picks the fastest split that fits.
         profile_cache: a JSON file where ``profile`` keeps its measurements, so restarts agree and skip measuring.
+        virtual_stages: model chunks per pipeline rank (virtual stages): the partition cuts ranks x virtual_stages
+            stages, placed as the schedule needs them (loop: rank r holds stages r, r + K, ...; v: r and 2K-1-r),
+            for schedules such as ``interleaved-1f1b``, ``zb-v`` and ``dualpipev``. Name the schedule too.
     """
 
     def __init__(
@@ -51,6 +54,7 @@ class PipelineModule(deepspeed.pipe.PipelineModule):
         schedule: str | None = None,
         memory_budget: float | None = None,
         profile_cache: str | os.PathLike | None = None,
+        virtual_stages: int = 1,
         **kwargs: Any,
     ):
         bound = _DEEPSPEED_INIT.bind(self, *args, **kwargs)
@@ -58,13 +62,18 @@ class PipelineModule(deepspeed.pipe.PipelineModule):
         arguments = bound.arguments
         arguments["layers"] = list(arguments["layers"])
         topology = arguments["topology"]
-        num_stages = topology.get_dim("pipe") if topology is not None else arguments["num_stages"]
+        ranks = topology.get_dim("pipe") if topology is not None else arguments["num_stages"]
+        schedule = schedule and schedule_name(schedule)
+        self.virtual_stages = virtual_stages
+        self.placement = _placement(schedule, virtual_stages)
+        num_stages = None if ranks is None else ranks * virtual_stages
         self._partition_context = PartitionContext(
             layers=arguments["layers"],
             num_stages=num_stages,
+            virtual_stages=virtual_stages,
             sample_input=sample_input,
             micro_batches=micro_batches,
-            schedule=schedule and schedule_name(schedule),
+            schedule=schedule,
             memory_budget=memory_budget,
             cache_path=profile_cache,
         )
@@ -106,7 +115,7 @@ class PipelineModule(deepspeed.pipe.PipelineModule):
         ctx = replace(
             self._partition_context,
             layers=self._layer_specs,
-            num_stages=self.num_stages,
+            num_stages=self.num_stages * self.virtual_stages,
             device=get_accelerator().device_name(self.local_rank),
         )
         if self.global_rank == 0:
@@ -118,5 +127,77 @@ class PipelineModule(deepspeed.pipe.PipelineModule):
         self.partition_report = partition_report(ctx, self.parts, method=str(spec))
         if self.global_rank == 0:
             print(self.partition_report.format(), flush=True)
-        stage_id = self._topo.get_coord(self.global_rank).pipe
-        self._set_bounds(start=self.parts[stage_id], stop=self.parts[stage_id + 1])
+        self.layout = Layout(self.num_stages, self.virtual_stages, self.placement)
+        rank = self._topo.get_coord(self.global_rank).pipe
+        stages = [self.layout.stage(rank, chunk) for chunk in range(self.virtual_stages)]
+        self.chunk_bounds = [(self.parts[stage], self.parts[stage + 1]) for stage in stages]
+        self._set_bounds(*self.chunk_bounds[0])
+
+    # ---- virtual stages: one set of layers per chunk, one of them active at a time
+
+    def stage_owner(self, layer_idx: int) -> int:
+        """The pipeline rank that holds ``layer_idx`` (DeepSpeed finds the ranks of tied layers with it)."""
+        stage = next(s for s in range(len(self.parts) - 1) if self.parts[s] <= layer_idx < self.parts[s + 1])
+        return self.layout.location(stage)[0]
+
+    def _build(self) -> None:
+        self.chunk_funcs: list[list[Any]] = []
+        for start, stop in self.chunk_bounds:
+            self._set_bounds(start, stop)
+            self.forward_funcs = []
+            super()._build()
+            self.chunk_funcs.append(self.forward_funcs)
+        self.chunk_checkpointable: list[list[bool]] = [[] for _ in self.chunk_bounds]
+        self.activate_chunk(0)
+
+    def activate_chunk(self, chunk: int) -> None:
+        """Make ``chunk``'s layers the ones ``forward`` runs (and checkpoints save and load)."""
+        self.active_chunk = chunk
+        self.forward_funcs = self.chunk_funcs[chunk]
+        self.is_checkpointable_results = self.chunk_checkpointable[chunk]
+        self._set_bounds(*self.chunk_bounds[chunk])
+
+    def _each_chunk(self) -> Any:
+        for chunk in range(len(self.chunk_bounds)):
+            self.activate_chunk(chunk)
+            yield chunk
+        self.activate_chunk(0)
+
+    def _precompute_checkpointable_values(self) -> None:
+        for chunk in self._each_chunk():
+            self.is_checkpointable_results_interval = None  # cached per interval: not across chunks
+            super()._precompute_checkpointable_values()
+            self.chunk_checkpointable[chunk] = self.is_checkpointable_results
+
+    def save_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        for _ in self._each_chunk():
+            super().save_state_dict(*args, **kwargs)
+
+    def load_state_dir(self, *args: Any, **kwargs: Any) -> None:
+        for _ in self._each_chunk():
+            super().load_state_dir(*args, **kwargs)
+
+    def compile(self, *args: Any, **kwargs: Any) -> None:
+        for _ in self._each_chunk():
+            super().compile(*args, **kwargs)
+
+
+def _placement(schedule: str | None, virtual_stages: int) -> str:
+    """Where a module with ``virtual_stages`` chunks per rank places them: as ``schedule`` needs, else loop."""
+    if isinstance(virtual_stages, bool) or not isinstance(virtual_stages, int) or virtual_stages < 1:
+        raise ValueError(
+            f"virtual_stages must be a whole number of chunks per rank, at least 1, got {virtual_stages!r}"
+        )
+    schedule_cls = get_schedule(schedule) if schedule else None
+    needed = getattr(schedule_cls, "chunks", 1)
+    if virtual_stages > 1 and needed == 1:
+        named = f"schedule {schedule!r} runs one chunk per rank" if schedule else "no schedule is named"
+        raise ValueError(
+            f"virtual_stages={virtual_stages} needs a schedule with virtual stages ({named}): pass "
+            "schedule='interleaved-1f1b', 'interleaved-zb', 'zb-v' or 'dualpipev'"
+        )
+    if needed > 1 and virtual_stages == 1:
+        raise ValueError(f"schedule {schedule!r} runs virtual stages: pass virtual_stages={needed} (or more)")
+    placement = getattr(schedule_cls, "placement", "loop")
+    Layout(1, virtual_stages, placement)  # refuses a count the placement cannot hold
+    return placement

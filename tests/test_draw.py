@@ -16,6 +16,8 @@ from ds_pipe_ext.cli import main
 from ds_pipe_ext.observe.draw import BOX_COLOURS, draw_schedule, draw_timeline
 from ds_pipe_ext.observe.simulation import TimelineEvent, ideal_bubble_fraction, simulate
 
+REGISTERED = "1f1b, 1f1b-split, deepspeed, dualpipev, gpipe, interleaved-1f1b, interleaved-zb, zb-h1, zb-v"
+
 
 def pixels_of(image: np.ndarray, colour: str) -> int:
     return int((np.abs(image[..., :3] - np.array(to_rgb(colour))).max(axis=-1) < 0.02).sum())
@@ -102,7 +104,7 @@ def test_cli_draws_deepspeeds_own_schedule_like_ours(capsys):
 
 def test_cli_errors(capsys):
     assert main(["schedule", "--schedule", "zigzag", "--stages", "2", "--micro-batches", "2"]) == 2
-    assert "1f1b, 1f1b-split, deepspeed, gpipe, zb-h1" in capsys.readouterr().err
+    assert REGISTERED in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["schedule", "--stages", "2", "--micro-batches", "2", "--forward-cost", "fast"])
     assert "one per stage, like 1,1,2,1" in capsys.readouterr().err

@@ -105,6 +105,7 @@ def unbuilt_stage(layers, num_stages: int, rank: int, **context) -> PipelineModu
     module.global_rank = rank
     module.local_rank = 0
     module.world_size, module.world_group = 1, None  # the agreement check then sees this process alone
+    module.virtual_stages, module.placement = 1, "loop"
     module._partition_context = PartitionContext(layers, num_stages, **context)
     return module
 

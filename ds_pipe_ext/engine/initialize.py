@@ -94,7 +94,11 @@ def initialize(
         from ..observe.trace import InstructionTracer
 
         tracer = InstructionTracer.for_rank(trace_dir, name, model._topo, dist.get_rank())
-    SchedulePipelineEngine.adopt(engine, get_schedule(name), tracer)
+    schedule_cls = get_schedule(name)
+    chunks = getattr(model, "virtual_stages", 1)
+    if chunks > 1:
+        schedule_cls = schedule_cls.with_chunks(chunks)
+    SchedulePipelineEngine.adopt(engine, schedule_cls, tracer)
     if tracer is not None:
         tracer.align()
     return engine, engine_optimizer, loader, scheduler

@@ -20,8 +20,9 @@ that the tensors in flight stay bounded without ever waiting on a neighbour; eve
 from __future__ import annotations
 
 import time
-from collections import deque
-from functools import partial
+from collections import defaultdict, deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -33,25 +34,30 @@ from deepspeed.runtime.pipe.engine import PipelineEngine
 from ..observe.simulation import ScheduleError, validate
 from ..schedules import BackwardInputPass, BackwardWeightPass
 from ..schedules.instructions import RECEIVES, SENDS, transfer_runs
+from ..schedules.layout import Layout
+from .channels import Channels, Shapes
 from .split_backward import backward_input, backward_weight, check_engine_can_split
 
 __all__ = ["SchedulePipelineEngine", "send_window"]
 
 
 def send_window(
-    schedule_cls: type[ds_schedule.PipeSchedule], micro_batches: int, stages: int, sender: int, receiver: int
+    schedule_cls: type[ds_schedule.PipeSchedule], micro_batches: int, stages: int, link: tuple[int, int]
 ) -> int:
-    """How many sends from ``sender`` to its neighbour ``receiver`` may be in flight: the send that many back is
+    """How many sends on ``link`` (from global stage, to global stage) may be in flight: the send that many back is
     sure to have arrived when the next is posted, so waiting for it never waits on the neighbour.
 
-    A stage sends micro-batch j's activation after its forward, which takes one of its n buffers; every activation
-    sent whose gradient has not come back still holds a buffer (``RecvGrad`` reads it), so the activation n sends
-    back has had its gradient, and had arrived. A stage sends j's input gradient after receiving j's activation,
-    which the previous stage (n' buffers) sent only after the gradient n' sends back had arrived. This holds for
-    every schedule :func:`~ds_pipe_ext.observe.simulation.validate` accepts: its buffer rules are these.
+    A stage sends micro-batch j's activation after its forward, which takes one of its chunk's n buffers; every
+    activation sent whose gradient has not come back still holds a buffer (``RecvGrad`` reads it), so the
+    activation n sends back has had its gradient, and had arrived. A stage sends j's input gradient after
+    receiving j's activation, which the previous stage (n' buffers) sent only after the gradient n' sends back had
+    arrived. So on either direction of a link the window is the buffer count of the link's lower stage. This holds
+    for every schedule :func:`~ds_pipe_ext.observe.simulation.validate` accepts: its buffer rules are these.
     """
-    owner = sender if receiver > sender else receiver
-    return schedule_cls(micro_batches=micro_batches, stages=stages, stage_id=owner).num_pipe_buffers()
+    probe = schedule_cls(micro_batches=micro_batches, stages=stages, stage_id=0)
+    layout = getattr(probe, "layout", None) or Layout(stages)
+    owner = schedule_cls(micro_batches=micro_batches, stages=stages, stage_id=layout.location(min(link))[0])
+    return getattr(owner, "buffers_per_chunk", None) or owner.num_pipe_buffers()
 
 
 class SchedulePipelineEngine(PipelineEngine):
@@ -85,31 +91,45 @@ class SchedulePipelineEngine(PipelineEngine):
     def _start(self, schedule_cls: type[ds_schedule.PipeSchedule], tracer: Any) -> None:
         self.schedule_cls = schedule_cls
         self.tracer = tracer
-        self._pending_sends: dict[int, deque[list[Any]]] = {}  # per neighbour stage, one entry per send, in order
+        self.layout: Layout = getattr(self._schedule(), "layout", None) or Layout(self.num_stages)
+        self._active_chunk: int | None = None
+        self._pending_sends: dict[tuple[int, int], deque[list[Any]]] = defaultdict(deque)  # per link, per send
+        self._handovers: dict[tuple[int, int], deque[list[torch.Tensor]]] = defaultdict(deque)
+        self._shapes: dict[tuple[int, int], Shapes] = {}  # per link: sent or received ahead of its first activation
+        self._send_windows: dict[tuple[int, int], int] = {}
         self._failed_batch: BaseException | None = None
         for key in ("losses", "grads", "pending_weight_grads"):
             self.pipe_buffers[key] = [None] * self.num_pipe_buffers
-        neighbours = [stage for stage in (self.stage_id - 1, self.stage_id + 1) if 0 <= stage < self.num_stages]
-        self._send_windows = {
-            stage: send_window(schedule_cls, self.micro_batches, self.num_stages, self.stage_id, stage)
-            for stage in neighbours
-        }
+        self._check_layout()
         split = (BackwardInputPass, BackwardWeightPass)
         if any(isinstance(cmd, split) for step in self._schedule() for cmd in step):
             check_engine_can_split(self)  # once, on every rank, before the first batch
         self._check_transport()
+        if self._posts_own_transfers():  # creating process groups is a collective: every rank does it here
+            self.channels = Channels(self.grid._topo.get_axis_comm_lists("pipe"), self.layout, self.global_rank)
+
+    def _check_layout(self) -> None:
+        """The module must hold the chunks the schedule runs, placed as it needs them."""
+        chunks = getattr(self.module, "virtual_stages", 1)
+        placement = getattr(self.module, "placement", self.layout.placement)
+        if (chunks, placement) != (self.layout.chunks, self.layout.placement if chunks > 1 else placement):
+            raise ValueError(
+                f"schedule {self.schedule_cls.__name__} runs {self.layout.chunks} chunk(s) per stage placed "
+                f"'{self.layout.placement}', the module holds {chunks} placed '{placement}': build "
+                f"ds_pipe_ext.PipelineModule(virtual_stages={self.layout.chunks}, schedule=...) for this schedule"
+            )
 
     def _check_transport(self) -> None:
         """Refuse, on every rank before the first batch, a schedule that would hang on this backend as this engine
         posts its transfers: the simulator replays it under that model (nccl's for any backend but gloo)."""
         backend = "gloo" if dist.get_backend() == "gloo" else "nccl"
-        posting = "batched" if self._posts_in_batches() else "blocking"
+        transport = "engine" if self._posts_own_transfers() else "blocking"
         try:
-            validate(self.schedule_cls, self.num_stages, self.micro_batches, backend=backend, posting=posting)
+            validate(self.schedule_cls, self.num_stages, self.micro_batches, backend=backend, transport=transport)
         except ScheduleError as error:
             how = (
-                f"on {dist.get_backend()}, where a send waits for its receive"
-                if posting == "batched"
+                f"on {dist.get_backend()}"
+                if transport == "engine"
                 else "with DeepSpeed's blocking send and receive (this run has partitioned or dynamically shaped "
                 "activations)"
             )
@@ -181,65 +201,131 @@ class SchedulePipelineEngine(PipelineEngine):
         self.pipe_buffers["outputs"][buffer_id] = None
         self.pipe_buffers["output_tensors"][buffer_id] = None
 
-    def _posts_in_batches(self) -> bool:
-        """Whether a step's transfers go out as one ``batch_isend_irecv``. Partitioned activations and gradients, and
-        activations whose shapes change, go through DeepSpeed's own handlers instead: one blocking send or receive
-        at a time, shapes sent with every activation."""
+    def _posts_own_transfers(self) -> bool:
+        """Whether this engine posts the transfers itself, each on its link's channel (:mod:`.channels`).
+        Partitioned activations and gradients, and activations whose shapes change, go through DeepSpeed's own
+        handlers instead: one blocking send or receive at a time, shapes sent with every activation."""
         partitioned = self.is_pipe_partitioned or self.is_grad_partitioned
         return p2p.can_send_recv() and not (partitioned or self.dynamic_shape)
 
-    def _exec_transfers(self, transfers: list[ds_schedule.PipeInstruction]) -> None:
-        """Post a run of sends and receives as one batch, wait for the receives, and file what arrived.
+    # ---- chunks: which of this rank's virtual stages an instruction runs on
 
-        A send's tensors stay referenced until the send window retires them (:meth:`_retire_old_send`) or the batch
-        ends. Before the first activation on a link DeepSpeed's blocking exchange of the tensor shapes runs, as in
-        its own engine.
+    def is_first_stage(self) -> bool:
+        """On a chunk: whether it is the pipeline's first stage; between instructions: whether this rank holds it."""
+        return self._holds(0) if getattr(self, "layout", None) else super().is_first_stage()
+
+    def is_last_stage(self) -> bool:
+        """On a chunk: whether it is the pipeline's last stage; between instructions: whether this rank holds it."""
+        return self._holds(self.layout.stages - 1) if getattr(self, "layout", None) else super().is_last_stage()
+
+    def _holds(self, stage: int) -> bool:
+        rank, chunk = self.layout.location(stage)
+        return rank == self.stage_id and self._active_chunk in (None, chunk)
+
+    def _loss_stage_global_rank(self) -> int:
+        return self.grid.stage_to_global(self.layout.location(self.layout.stages - 1)[0])
+
+    def _stage(self, cmd: ds_schedule.PipeInstruction) -> int:
+        return self.layout.stage(self.stage_id, cmd.kwargs.get("chunk", 0))
+
+    def _exec_load_micro_batch(self, buffer_id: int, label_buffer: int | None = None) -> None:
+        """DeepSpeed's load. A rank that holds both the first and the last stage (the v placement) loads each
+        micro-batch once, as both, and files the labels where its last stage's chunk reads them."""
+        if label_buffer is None:
+            return super()._exec_load_micro_batch(buffer_id)
+        with self._on_chunk(None):
+            super()._exec_load_micro_batch(buffer_id)
+        labels = self.pipe_buffers["labels"]
+        labels[label_buffer], labels[buffer_id] = labels[buffer_id], None
+
+    # ---- transfers
+
+    def _exec_transfers(self, transfers: list[ds_schedule.PipeInstruction]) -> None:
+        """Post a run of sends and receives, each on its link's channel, then wait for the receives and file what
+        arrived. A transfer between two chunks of this rank is handed over in place.
+
+        A send's tensors stay referenced until the send window retires them (:meth:`_retire_old_send`) or the
+        batch ends.
         """
-        ops, posted = [], []  # per instruction: (instruction, neighbour stage, its ops' slice, what to do on arrival)
-        for cmd in transfers:
-            if isinstance(cmd, ds_schedule.SendActivation):
-                stage, tensors, arrival = self.next_stage, self._activations_to_send(cmd.buffer_id), None
-            elif isinstance(cmd, ds_schedule.SendGrad):
-                stage, tensors, arrival = self.prev_stage, self._grads_to_send(cmd.buffer_id), None
-            elif isinstance(cmd, ds_schedule.RecvActivation):
-                stage, tensors = self.prev_stage, self._activation_buffers()
-                arrival = partial(self._file_activations, cmd.buffer_id, tensors)
-            else:
-                stage, tensors = self.next_stage, self._grad_buffers(cmd.buffer_id)
-                arrival = partial(self._file_grads, cmd.buffer_id, tensors)
-            if arrival is None:
-                self._retire_old_send(stage)
-            operation = dist.irecv if arrival else dist.isend
-            rank = self.grid.stage_to_global(stage_id=stage)
-            posted.append((cmd, stage, slice(len(ops), len(ops) + len(tensors)), arrival))
-            ops += [dist.P2POp(operation, tensor, rank) for tensor in tensors]
         start = time.perf_counter()
-        works = dist.batch_isend_irecv(ops)
-        waited = time.perf_counter()
-        for cmd, stage, span, arrival in posted:
-            if arrival is None:
-                self._pending_sends.setdefault(stage, deque()).append(works[span])
+        receives = []
+        for cmd in transfers:
+            stage = self._stage(cmd)
+            if isinstance(cmd, SENDS):
+                link = (stage, stage + 1) if isinstance(cmd, ds_schedule.SendActivation) else (stage, stage - 1)
+                activation = isinstance(cmd, ds_schedule.SendActivation)
+                outputs = self.pipe_buffers["outputs"][cmd.buffer_id]
+                tensors = self._activations_to_send(cmd.buffer_id) if activation else self._grads_to_send(cmd.buffer_id)
+                self._send(link, tensors, announce=activation, as_tuple=activation and not torch.is_tensor(outputs))
                 if self.tracer is not None:
-                    self.tracer.record(cmd, start, waited)
-        for cmd, _, span, arrival in posted:
-            if arrival is None:
-                continue
-            for work in works[span]:
-                work.wait()
-            arrival()
+                    self.tracer.record(cmd, start, time.perf_counter())
+            else:
+                link = (stage - 1, stage) if isinstance(cmd, ds_schedule.RecvActivation) else (stage + 1, stage)
+                receives.append((cmd, link, self._post_receive(cmd, link)))
+        waited = time.perf_counter()
+        for cmd, link, posted in receives:
+            tensors, as_tuple = self._finish_receive(cmd, link, posted)
+            if isinstance(cmd, ds_schedule.RecvActivation):
+                self._file_activations(cmd.buffer_id, tensors, as_tuple)
+            else:
+                self._file_grads(cmd.buffer_id, tensors)
             if self.tracer is not None:
                 self.tracer.synchronize()
                 self.tracer.record(cmd, waited, now := time.perf_counter())
                 waited = now
+
+    def _send(self, link: tuple[int, int], tensors: list[torch.Tensor], announce: bool, as_tuple: bool) -> None:
+        if self.layout.location(link[1])[0] == self.stage_id:
+            self._handovers[link].append((tensors, as_tuple))
+            return
+        group, peer = self.channels.group(link), self.channels.peer(link)
+        sends = []
+        if announce and link not in self._shapes:
+            self._shapes[link] = Shapes.of(tensors, as_tuple)  # sent once, ahead of the link's first activation
+            sends.append(dist.isend(self._shapes[link].encode(self.device), peer, group=group))
+        self._retire_old_send(link)
+        sends += [dist.isend(tensor, peer, group=group) for tensor in tensors]
+        self._pending_sends[link].append(sends)
+
+    def _post_receive(self, cmd: ds_schedule.PipeInstruction, link: tuple[int, int]) -> Any:
+        """Post the receive if its shapes are known (a gradient's are those of the output it is for); else post the
+        receive of the shapes message that comes ahead of the link's first activation."""
+        if self.layout.location(link[0])[0] == self.stage_id:
+            return None
+        group, peer = self.channels.group(link), self.channels.peer(link)
+        if isinstance(cmd, ds_schedule.RecvGrad):
+            tensors = self._grad_buffers(cmd.buffer_id)
+        elif link in self._shapes:
+            tensors = self._shapes[link].empty(self.device)
+        else:
+            message = Shapes.message(self.device)
+            return ("shapes", message, [dist.irecv(message, peer, group=group)])
+        return ("tensors", tensors, [dist.irecv(tensor, peer, group=group) for tensor in tensors])
+
+    def _finish_receive(
+        self, cmd: ds_schedule.PipeInstruction, link: tuple[int, int], posted: Any
+    ) -> tuple[list[torch.Tensor], bool]:
+        """Wait for a posted receive: the tensors, and whether the sender's output was a tuple."""
+        if posted is None:
+            tensors, as_tuple = self._handovers[link].popleft()
+            if isinstance(cmd, ds_schedule.RecvActivation):  # a new leaf, as a received activation is
+                tensors = [tensor.detach() for tensor in tensors]
+            return tensors, as_tuple
+        kind, tensors, works = posted
+        if kind == "shapes":
+            works[0].wait()
+            self._shapes[link] = Shapes.decode(tensors)
+            _, tensors, works = self._post_receive(cmd, link)
+        for work in works:
+            work.wait()
+        shapes = self._shapes.get(link)
+        return tensors, shapes is not None and shapes.as_tuple
 
     def _activations_to_send(self, buffer_id: int) -> list[torch.Tensor]:
         outputs = self.pipe_buffers["outputs"][buffer_id]
         tensors = [outputs] if torch.is_tensor(outputs) else list(outputs)
         if self.has_attention_mask or self.has_bool_tensors:
             tensors[-1] = tensors[-1].half()  # as DeepSpeed does: NCCL cannot send bool tensors
-        if self.first_output_send:
-            self.first_output_send = False
-            self._send_tensor_meta(tensors[0] if torch.is_tensor(outputs) else tuple(tensors), self.next_stage)
         return tensors
 
     def _grads_to_send(self, buffer_id: int) -> list[torch.Tensor]:
@@ -255,20 +341,12 @@ class SchedulePipelineEngine(PipelineEngine):
             raise RuntimeError(f"SendGrad(buffer_id={buffer_id}): a stage input has no gradient")
         return grads
 
-    def _activation_buffers(self) -> list[torch.Tensor]:
-        """Fresh tensors for one micro-batch's activations, shaped as the first activation announced."""
-        if self.pipe_recv_buf is None:
-            self.pipe_recv_buf = self._recv_tensor_meta(self.prev_stage)
-        shapes = [self.pipe_recv_buf] if torch.is_tensor(self.pipe_recv_buf) else self.pipe_recv_buf
-        return [torch.empty_like(tensor) for tensor in shapes]
-
-    def _file_activations(self, buffer_id: int, tensors: list[torch.Tensor]) -> None:
+    def _file_activations(self, buffer_id: int, tensors: list[torch.Tensor], as_tuple: bool) -> None:
         if self.has_attention_mask or self.has_bool_tensors:
             tensors[-1] = tensors[-1].bool()
         for tensor in tensors:
             tensor.requires_grad_(tensor.is_floating_point())
-        single = torch.is_tensor(self.pipe_recv_buf)
-        self.pipe_buffers["inputs"][buffer_id] = tensors[0] if single else tuple(tensors)
+        self.pipe_buffers["inputs"][buffer_id] = tuple(tensors) if as_tuple else tensors[0]
 
     def _grad_buffers(self, buffer_id: int) -> list[torch.Tensor]:
         """Fresh tensors for the gradients of this buffer's (floating-point) outputs."""
@@ -280,11 +358,13 @@ class SchedulePipelineEngine(PipelineEngine):
         single = torch.is_tensor(self.pipe_buffers["outputs"][buffer_id])
         self.pipe_buffers["grads"][buffer_id] = tensors[0] if single else tensors
 
-    def _retire_old_send(self, stage: int) -> None:
-        """Keep at most the send window of sends to ``stage`` in flight: the oldest has surely arrived by now
+    def _retire_old_send(self, link: tuple[int, int]) -> None:
+        """Keep at most the send window of sends on ``link`` in flight: the oldest has surely arrived by now
         (:func:`send_window`), so waiting for it does not wait on the neighbour."""
-        sends = self._pending_sends.setdefault(stage, deque())
-        if len(sends) >= self._send_windows[stage]:
+        if link not in self._send_windows:
+            self._send_windows[link] = send_window(self.schedule_cls, self.micro_batches, self.num_stages, link)
+        sends = self._pending_sends[link]
+        if len(sends) >= self._send_windows[link]:
             for work in sends.popleft():
                 work.wait()  # gloo's is_completed() stays False until wait()
 
@@ -315,10 +395,10 @@ class SchedulePipelineEngine(PipelineEngine):
     def _exec_instructions(self, pipe_schedule: ds_schedule.PipeSchedule) -> None:
         self._reserve_pipe_buffers(pipe_schedule.num_pipe_buffers())
         self.fwd_outputs = []
-        batched = self._posts_in_batches()
+        own_transfers = self._posts_own_transfers()
         for step_cmds in pipe_schedule:
             for group in transfer_runs(step_cmds):
-                if batched and isinstance(group[0], SENDS + RECEIVES):
+                if own_transfers and isinstance(group[0], SENDS + RECEIVES):
                     self._exec_transfers(group)
                     continue
                 for cmd in group:
@@ -328,13 +408,27 @@ class SchedulePipelineEngine(PipelineEngine):
         handler = self._INSTRUCTION_MAP.get(type(cmd))
         if handler is None:
             raise RuntimeError(f"{self.__class__.__name__} does not understand instruction {cmd!r}")
-        if self.tracer is None:
-            return handler(self, **cmd.kwargs)
-        self.tracer.synchronize()
-        start = time.perf_counter()
-        handler(self, **cmd.kwargs)
-        self.tracer.synchronize()
-        self.tracer.record(cmd, start, time.perf_counter())
+        kwargs = dict(cmd.kwargs)
+        with self._on_chunk(kwargs.pop("chunk", 0)):
+            if self.tracer is None:
+                return handler(self, **kwargs)
+            self.tracer.synchronize()
+            start = time.perf_counter()
+            handler(self, **kwargs)
+            self.tracer.synchronize()
+            self.tracer.record(cmd, start, time.perf_counter())
+
+    @contextmanager
+    def _on_chunk(self, chunk: int | None) -> Iterator[None]:
+        """Run on this rank's ``chunk``: its layers (a module with virtual stages), its place in the pipeline."""
+        previous, self._active_chunk = self._active_chunk, chunk
+        activate = getattr(self.module, "activate_chunk", None)
+        if activate is not None and chunk is not None:
+            activate(chunk)
+        try:
+            yield
+        finally:
+            self._active_chunk = previous
 
     def save_trace(self) -> Any:
         """Write the trace of every rank into one Chrome trace file (a collective); its path on global rank 0."""
@@ -344,6 +438,7 @@ class SchedulePipelineEngine(PipelineEngine):
 
     _INSTRUCTION_MAP = {
         **PipelineEngine._INSTRUCTION_MAP,
+        ds_schedule.LoadMicroBatch: _exec_load_micro_batch,
         ds_schedule.ForwardPass: _exec_forward_pass,
         ds_schedule.BackwardPass: _exec_backward_pass,
         ds_schedule.RecvGrad: _exec_recv_grads,

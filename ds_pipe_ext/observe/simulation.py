@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from deepspeed.runtime.pipe.schedule import (
     BackwardPass,
@@ -35,6 +35,7 @@ from deepspeed.runtime.pipe.schedule import (
 
 from ..schedules import BackwardInputPass, BackwardWeightPass, get_schedule
 from ..schedules.instructions import transfer_runs
+from ..schedules.layout import Layout
 
 __all__ = [
     "DEFAULT_COSTS",
@@ -171,13 +172,14 @@ _HALF_OF_BACKWARD = ("backward_input", "backward_weight")
 
 @dataclass(frozen=True)
 class TimelineEvent:
-    """One instruction executed by one stage (simulated or traced)."""
+    """One instruction executed by one stage, i.e. pipeline rank, on one of its chunks (simulated or traced)."""
 
     stage: int
     instruction: type[PipeInstruction]
     micro_batch: int | None
     start: float
     end: float
+    chunk: int = 0
 
     @property
     def name(self) -> str:
@@ -192,6 +194,7 @@ class SimulationResult:
     micro_batches: int
     timeline: list[TimelineEvent]
     peak_buffers: list[int]  # per stage: most micro-batches forwarded but not yet backwarded at once
+    peak_per_stage: list[int]  # the same per global stage (with virtual stages, per chunk)
 
     @property
     def makespan(self) -> float:
@@ -231,30 +234,40 @@ def bubble_fraction(timeline: Sequence[TimelineEvent], stages: int) -> float:
     return sum(stage_bubble_fractions(timeline, stages)) / stages
 
 
+#: How transfers reach the other stage, as the simulator models them.
+TRANSPORTS = {
+    "engine": "ds_pipe_ext's engine: a process group per direction of each link, transfers posted without waiting",
+    "shared": "one process group for all transfers, posted without waiting",
+    "blocking": "DeepSpeed's own handlers: one process group, one blocking transfer at a time",
+}
+
+
 def validate(
     schedule: str | type[PipeSchedule],
     stages: int,
     micro_batches: int,
     backend: str = "gloo",
-    posting: str = "batched",
+    transport: str = "engine",
 ) -> None:
     """Raise :class:`ScheduleError` unless ``schedule`` trains one batch correctly on DeepSpeed's engine.
 
-    Checked on every stage: each micro-batch is loaded (first and last stage), forwarded and backwarded exactly once,
-    in dependency order; sends and receives pair up one for one and in order between every two stages, without
-    deadlock; no buffer is overwritten while its contents are needed, and every buffer id is below
-    ``num_pipe_buffers()``; ReduceTiedGrads, ReduceGrads and OptimizerStep come last.
+    Checked on every stage: each micro-batch is loaded (first and last stage), forwarded and backwarded exactly once
+    on each chunk, in dependency order; sends and receives pair up one for one and in order on every channel,
+    between the same two stages, without deadlock; no buffer is overwritten while its contents are needed, and every
+    buffer id is below ``num_pipe_buffers()``; ReduceTiedGrads, ReduceGrads and OptimizerStep come last.
 
-    ``backend`` is the model of the transport. ``"gloo"``: a send is buffered and does not wait; a receive waits
-    for its send. ``"nccl"``: the sends and receives between two ranks run in the order they were posted and a send
-    completes only once its receive is posted (NCCL buffers nothing past a small size), so a stage waits for every
-    transfer of a batch; a batch progresses as a group. ``posting`` is how the engine posts them: ``"batched"``,
-    each run of transfers in a step at once (ds_pipe_ext's engine); ``"blocking"``, one at a time, each send
-    waiting for its receive (DeepSpeed's own handlers, which ds_pipe_ext's engine uses for partitioned or
-    dynamically shaped activations). Either way a link's first activation is preceded by a blocking exchange of
-    the tensor shapes, as DeepSpeed does.
+    The model of the transfers: on a channel (a process group between two ranks) the transfers run in the order
+    each rank posted them, and the k-th send meets the k-th receive (no tags, as on NCCL). ``backend="gloo"``: a
+    send is buffered and completes on its own; ``"nccl"``: a send completes only once its receive is posted (NCCL
+    buffers nothing past a small size), so a send holds up what its rank posted after it on that channel.
+    ``transport`` (:data:`TRANSPORTS`): ``"engine"``, ds_pipe_ext's engine, each direction of each link between two
+    stages its own channel, each step's transfers posted at once and only the receives waited for; ``"shared"``,
+    the same posting on one channel per pair of ranks; ``"blocking"``, DeepSpeed's own handlers (which the engine
+    uses for partitioned or dynamically shaped activations): one channel per pair, each transfer waited for before
+    the next. A link's first activation carries the tensor shapes ahead of it; with DeepSpeed's handlers that is a
+    blocking exchange of its own.
     """
-    simulate(schedule, stages, micro_batches, backend=backend, posting=posting)
+    simulate(schedule, stages, micro_batches, backend=backend, transport=transport)
 
 
 def simulate(
@@ -263,22 +276,25 @@ def simulate(
     micro_batches: int,
     costs: Costs | None = None,
     backend: str = "gloo",
-    posting: str = "batched",
+    transport: str = "engine",
 ) -> SimulationResult:
     """Validate ``schedule`` (see :func:`validate`) and time it: ``costs`` maps "forward", "backward" and "send"
-    (one p2p transfer, from when both ends have posted it, at the sending stage's value) to a number or one number
-    per stage; other instructions take no time. Defaults: :data:`DEFAULT_COSTS`. A schedule that splits the
-    backward takes "backward_input" and "backward_weight", each half of "backward" unless given."""
+    (one p2p transfer, from when both ends have posted it, at the sending stage's value) to a number, one number
+    per stage (pipeline rank) or, with virtual stages, one per global stage; other instructions take no time.
+    Defaults: :data:`DEFAULT_COSTS`. A schedule that splits the backward takes "backward_input" and
+    "backward_weight", each half of "backward" unless given."""
     schedule_class = _schedule_class(schedule)
     if stages < 1 or micro_batches < 1:
         raise ValueError(f"need at least one stage and one micro-batch, got {stages=}, {micro_batches=}")
-    if (backend, posting) not in _MODELS:
+    if backend not in ("gloo", "nccl") or transport not in TRANSPORTS:
         raise ValueError(
-            f"backend must be 'gloo' or 'nccl' and posting 'batched' or 'blocking', got {backend!r}, {posting!r}"
+            f"backend must be 'gloo' or 'nccl' and transport one of {', '.join(TRANSPORTS)}, got {backend!r}, "
+            f"{transport!r}"
         )
-    per_stage = _per_stage_costs(costs or {}, stages)
-    timeline, peaks = _replay(schedule_class, stages, micro_batches, per_stage, backend, posting)
-    return SimulationResult(stages, micro_batches, timeline, peaks)
+    layout = getattr(schedule_class(micro_batches=micro_batches, stages=stages, stage_id=0), "layout", None)
+    per_stage = _per_stage_costs(costs or {}, layout or Layout(stages))
+    timeline, peaks, chunk_peaks = _replay(schedule_class, stages, micro_batches, per_stage, backend, transport)
+    return SimulationResult(stages, micro_batches, timeline, peaks, chunk_peaks)
 
 
 def _schedule_class(schedule: str | type[PipeSchedule]) -> type[PipeSchedule]:
@@ -289,15 +305,19 @@ def _schedule_class(schedule: str | type[PipeSchedule]) -> type[PipeSchedule]:
     raise TypeError(f"expected a registered schedule name or a PipeSchedule subclass, got {schedule!r}")
 
 
-def _per_stage_costs(costs: Costs, stages: int) -> dict[str, list[float]]:
+def _per_stage_costs(costs: Costs, layout: Layout) -> dict[str, list[float]]:
+    """Every cost per global stage."""
     unknown = sorted(set(costs) - set(DEFAULT_COSTS))
     if unknown:
         raise ValueError(f"unknown cost {', '.join(map(repr, unknown))}; known costs: {', '.join(DEFAULT_COSTS)}")
     per_stage = {}
     for key, value in {**DEFAULT_COSTS, **costs}.items():
-        values = [float(value)] * stages if isinstance(value, (int, float)) else [float(v) for v in value]
-        if len(values) != stages:
-            raise ValueError(f"cost {key!r} has {len(values)} values; give one number or one per stage ({stages})")
+        values = [float(value)] if isinstance(value, (int, float)) else [float(v) for v in value]
+        if len(values) in (1, layout.ranks):
+            values = [values[layout.location(stage)[0] % len(values)] for stage in range(layout.stages)]
+        if len(values) != layout.stages:
+            counts = f"{layout.ranks}" + (f" or one per global stage ({layout.stages})" if layout.chunks > 1 else "")
+            raise ValueError(f"cost {key!r} has {len(values)} values; give one number or one per stage ({counts})")
         if min(values) < 0:
             raise ValueError(f"cost {key!r} is negative: {values}")
         per_stage[key] = values
@@ -308,62 +328,115 @@ def _per_stage_costs(costs: Costs, stages: int) -> dict[str, list[float]]:
 
 @dataclass
 class _Unit:
-    """What a stage executes in one go: a local instruction, a batch of sends and receives posted together, or the
-    blocking exchange of tensor shapes that precedes a link's first activation (``shapes``)."""
+    """What a stage executes in one go: a local instruction, or a batch of sends and receives posted together.
+    ``shapes[i]`` marks the message with the tensor shapes that goes ahead of a link's first activation."""
 
     step: int
-    kind: str  # "local", "batch" or "shapes"
+    kind: str  # "local" or "batch"
     instructions: list[PipeInstruction]
+    shapes: list[bool] = field(default_factory=list)
+
+    def describe(self) -> str:
+        entries = [f"the shapes for {i!r}" if shapes else repr(i) for i, shapes in zip(self.instructions, self.shapes)]
+        return entries[0] if len(entries) == 1 else f"batch [{', '.join(entries)}]"
 
 
 @dataclass
 class _Transfer:
-    """One posted send or receive, and the micro-batch it carries (known for a send when it is posted)."""
+    """One posted send or receive: between which ranks, from and to which global stage, and the micro-batch it
+    carries (known for a send when it is posted)."""
 
     stage: int
+    peer: int
     instruction: PipeInstruction
     posted: float
     shapes: bool
-    position: int = 0  # among the transfers in its direction between its two stages
+    link: tuple[int, int]  # (global stage it leaves, global stage it enters)
+    channel: tuple  # the process group it goes over
+    sends: bool
+    position: int = 0  # among the transfers in its direction on its channel
     micro_batch: int | None = None
+    previous: _Transfer | None = None  # what this rank posted before it on the same channel
+    done: float | None = None  # when it completed
+
+    @property
+    def local(self) -> bool:
+        """A hand-over between two chunks of one rank: the receive takes what the send left, at once."""
+        return self.peer == self.stage
+
+
+def _chunk(instruction: PipeInstruction) -> int:
+    return instruction.kwargs.get("chunk", 0)
 
 
 class _StageReplay:
-    """One stage's instruction stream and the state the engine would hold for it: what each buffer slot holds."""
+    """One pipeline rank's instruction stream and the state the engine would hold for it: what each buffer slot
+    holds, and what work each of its chunks has done for each micro-batch."""
 
-    def __init__(self, schedule: PipeSchedule, micro_batches: int, posting: str) -> None:
+    def __init__(self, schedule: PipeSchedule, micro_batches: int, transport: str) -> None:
         self.stage = schedule.stage_id
-        self.is_first = schedule.stage_id == 0
-        self.is_last = schedule.stage_id == schedule.stages - 1
+        self.layout: Layout = getattr(schedule, "layout", None) or Layout(schedule.stages)
+        self._slots: dict[int, set[str]] = {}
         self.num_buffers = schedule.num_pipe_buffers()
-        self.units = self._units(schedule, posting)
+        self.units = self._units(schedule, transport)
         self.index = 0
         self.posted: list[_Transfer] | None = None
         self.step, self.instruction = 0, None
         self.clock = 0.0
-        self.slots = {name for name, slot in SLOTS.items() if slot.exists(self.is_first, self.is_last)}
         self.held: dict[tuple[str, int], int] = {}  # (slot, buffer id) -> micro-batch
-        self.done: list[set[str]] = [set() for _ in range(micro_batches)]
-        self.required = {item for spec in INSTRUCTION_SPECS.values() if self._applies(spec) for item in spec.work}
+        self.done: dict[tuple[int, int], set[str]] = {}  # (chunk, micro-batch) -> work done
+        self.micro_batches = micro_batches
+        self.required = {
+            chunk: {item for spec in INSTRUCTION_SPECS.values() if self._applies(spec, chunk) for item in spec.work}
+            for chunk in range(self.layout.chunks)
+        }
         self.loaded = 0
         self.batch_ended = False
         self.peak_activations = 0
+        self.output_chunk: dict[int, int] = {}  # buffer id -> the chunk whose activations it holds
+        self.peak_by_chunk = [0] * self.layout.chunks
 
-    def _units(self, schedule: PipeSchedule, posting: str) -> list[_Unit]:
+    def _units(self, schedule: PipeSchedule, transport: str) -> list[_Unit]:
+        """The stream in the groups the engine executes. A link's first activation carries the tensor shapes ahead
+        of it: in a batch, the sender posts both and the receiver posts the data once the shapes have arrived;
+        with blocking posting, DeepSpeed's shapes exchange runs before the transfer. Transfers between two chunks of
+        one rank are handed over in place, without shapes."""
         units, shapes_sent = [], set()
         for step, step_cmds in enumerate(schedule):
-            groups = transfer_runs(step_cmds) if posting == "batched" else [[cmd] for cmd in step_cmds]
+            blocking = transport == "blocking"
+            groups = [[cmd] for cmd in step_cmds] if blocking else transfer_runs(step_cmds)
             for group in groups:
                 specs = [self.spec(step, instruction) for instruction in group]
                 if not any(spec.link for spec in specs):
                     units += [_Unit(step, "local", [instruction]) for instruction in group]
                     continue
+                batch, shapes, later = [], [], []
                 for instruction, spec in zip(group, specs):
-                    if spec.shapes_first and spec.link not in shapes_sent:
-                        shapes_sent.add(spec.link)
-                        units.append(_Unit(step, "shapes", [instruction]))
-                units.append(_Unit(step, "batch", group))
+                    key = (spec.link, _chunk(instruction))
+                    if (
+                        spec.shapes_first
+                        and key not in shapes_sent
+                        and self._peer_rank(instruction, spec) != self.stage
+                    ):
+                        shapes_sent.add(key)
+                        if blocking:
+                            units.append(_Unit(step, "batch", [instruction], [True]))
+                        else:
+                            batch.append(instruction)
+                            shapes.append(True)
+                            if not spec.link.sends:
+                                later.append(instruction)
+                                continue
+                    batch.append(instruction)
+                    shapes.append(False)
+                units.append(_Unit(step, "batch", batch, shapes))
+                if later:
+                    units.append(_Unit(step, "batch", later, [False] * len(later)))
         return units
+
+    def _peer_rank(self, instruction: PipeInstruction, spec: InstructionSpec) -> int | None:
+        other = self.layout.stage(self.stage, _chunk(instruction)) + spec.link.peer
+        return self.layout.location(other)[0] if 0 <= other < self.layout.stages else None
 
     def spec(self, step: int, instruction: PipeInstruction) -> InstructionSpec:
         spec = INSTRUCTION_SPECS.get(type(instruction))
@@ -386,11 +459,24 @@ class _StageReplay:
     def error(self, problem: str) -> ScheduleError:
         return ScheduleError(f"{self.where()}: {problem}")
 
-    def peer(self, link: Link) -> int:
-        """The neighbour a send or receive on ``link`` talks to."""
-        if not self._has_peer(link):
-            raise self.error(f"stage {self.stage} has no {'previous' if link.peer < 0 else 'next'} stage")
-        return self.stage + link.peer
+    def ends(self, chunk: int) -> tuple[bool, bool]:
+        """Whether ``chunk`` is the pipeline's first stage, and whether it is the last."""
+        stage = self.layout.stage(self.stage, chunk)
+        return stage == 0, stage == self.layout.stages - 1
+
+    def slots(self, chunk: int) -> set[str]:
+        if chunk not in self._slots:
+            self._slots[chunk] = {name for name, slot in SLOTS.items() if slot.exists(*self.ends(chunk))}
+        return self._slots[chunk]
+
+    def link(self, instruction: PipeInstruction, spec: InstructionSpec) -> tuple[int, int, tuple[int, int]]:
+        """The rank a send or receive talks to, that rank's chunk, and the (from, to) global stages it links."""
+        stage = self.layout.stage(self.stage, _chunk(instruction))
+        other = stage + spec.link.peer
+        if not 0 <= other < self.layout.stages:
+            raise self.error(f"stage {self.stage} has no {'previous' if spec.link.peer < 0 else 'next'} stage")
+        rank, chunk = self.layout.location(other)
+        return rank, chunk, (stage, other) if spec.link.sends else (other, stage)
 
     def at(self, instruction: PipeInstruction) -> InstructionSpec:
         """Make ``instruction`` (of the current unit) the one errors name, and return its spec."""
@@ -403,46 +489,61 @@ class _StageReplay:
         micro_batch = None if spec.end_of_batch else self._apply(instruction, spec, incoming)
         if spec.end_of_batch:
             self._end_batch()
-        return TimelineEvent(self.stage, type(instruction), micro_batch, start, end)
+        return TimelineEvent(self.stage, type(instruction), micro_batch, start, end, _chunk(instruction))
 
-    def _applies(self, spec: InstructionSpec) -> bool:
-        return (spec.link is None or self._has_peer(spec.link)) and set(spec.writes) <= self.slots
-
-    def _has_peer(self, link: Link) -> bool:
-        return not (self.is_first and link.peer < 0) and not (self.is_last and link.peer > 0)
+    def _applies(self, spec: InstructionSpec, chunk: int) -> bool:
+        first, last = self.ends(chunk)
+        has_peer = spec.link is None or not ((first and spec.link.peer < 0) or (last and spec.link.peer > 0))
+        return has_peer and set(spec.writes) <= self.slots(chunk)
 
     def _apply(self, instruction: PipeInstruction, spec: InstructionSpec, incoming: int | None) -> int:
         if self.batch_ended:
             raise self.error("comes after the end-of-batch instructions (ReduceGrads, OptimizerStep)")
-        missing = sorted(set(spec.writes) - self.slots)
+        chunk = _chunk(instruction)
+        if not 0 <= chunk < self.layout.chunks:
+            raise self.error(f"chunk {chunk} is out of range: this stage holds {self.layout.chunks} chunk(s)")
+        slots = self.slots(chunk)
+        missing = sorted(set(spec.writes) - slots)
         if missing:
             raise self.error(f"stage {self.stage} has no {' or '.join(SLOTS[slot].meaning for slot in missing)} buffer")
+        buffers = [instruction.buffer_id, *([instruction.label_buffer] if "label_buffer" in instruction.kwargs else [])]
+        for buffer in buffers:
+            if not 0 <= buffer < self.num_buffers:
+                raise self.error(f"buffer_id {buffer} is out of range: num_pipe_buffers() is {self.num_buffers}")
         buffer = instruction.buffer_id
-        if not 0 <= buffer < self.num_buffers:
-            raise self.error(f"buffer_id {buffer} is out of range: num_pipe_buffers() is {self.num_buffers}")
-        micro_batch = self._micro_batch(buffer, spec, incoming)
+        micro_batch = self._micro_batch(buffer, spec, incoming, slots)
+        done = self.done.setdefault((chunk, micro_batch), set())
         for item in spec.after:
-            if item in self.required and item not in self.done[micro_batch]:
+            if item in self.required[chunk] and item not in done:
                 raise self.error(f"micro-batch {micro_batch} has not had its {item} yet")
-        for slot in self.slots.intersection(spec.writes):
-            self._write(slot, buffer, micro_batch)
+        last_chunk = self.layout.location(self.layout.stages - 1)[1]
+        for slot in slots.intersection(spec.writes):
+            for written, owner in zip(buffers, (chunk, last_chunk)):
+                self._write(slot, written, micro_batch, owner)
         for item in spec.work:
-            if item in self.done[micro_batch]:
+            if item in done:
                 raise self.error(f"micro-batch {micro_batch} gets its {item} a second time")
-            self.done[micro_batch].add(item)
+            done.add(item)
+        if "label_buffer" in instruction.kwargs:  # the load counts for the chunk holding the last stage as well
+            self.done.setdefault((self.layout.location(self.layout.stages - 1)[1], micro_batch), set()).update(
+                spec.work
+            )
         for slot in spec.frees:
             self.held.pop((slot, buffer), None)
-        live_activations = sum(1 for slot, _ in self.held if slot == "output")
-        self.peak_activations = max(self.peak_activations, live_activations)
+        if "output" in spec.writes:
+            self.output_chunk[buffer] = chunk
+        live = [self.output_chunk[held_buffer] for slot, held_buffer in self.held if slot == "output"]
+        self.peak_activations = max(self.peak_activations, len(live))
+        self.peak_by_chunk[chunk] = max(self.peak_by_chunk[chunk], live.count(chunk))
         return micro_batch
 
-    def _micro_batch(self, buffer: int, spec: InstructionSpec, incoming: int | None) -> int:
+    def _micro_batch(self, buffer: int, spec: InstructionSpec, incoming: int | None, slots: set[str]) -> int:
         if spec.loads:
-            if self.loaded == len(self.done):
-                raise self.error(f"loads more than the {len(self.done)} micro-batches of the batch")
+            if self.loaded == self.micro_batches:
+                raise self.error(f"loads more than the {self.micro_batches} micro-batches of the batch")
             self.loaded += 1
             return self.loaded - 1
-        held = {slot: self.held.get((slot, buffer)) for slot in spec.reads if slot in self.slots}
+        held = {slot: self.held.get((slot, buffer)) for slot in spec.reads if slot in slots}
         for slot, micro_batch in held.items():
             if micro_batch is None:
                 raise self.error(f"buffer {buffer} holds no {SLOTS[slot].meaning}")
@@ -461,10 +562,10 @@ class _StageReplay:
             raise self.error(f"buffer {buffer} mixes micro-batches: {contents}")
         return next(iter(held.values()))
 
-    def _write(self, slot: str, buffer: int, micro_batch: int) -> None:
+    def _write(self, slot: str, buffer: int, micro_batch: int, chunk: int) -> None:
         previous = self.held.get((slot, buffer))
         if previous is not None and previous != micro_batch:
-            pending = sorted(self._pending_readers(slot, previous))
+            pending = sorted(self._pending_readers(slot, previous, chunk))
             if pending:
                 raise self.error(
                     f"overwrites buffer {buffer}'s {SLOTS[slot].meaning} of micro-batch {previous}, "
@@ -472,9 +573,9 @@ class _StageReplay:
                 )
         self.held[(slot, buffer)] = micro_batch
 
-    def _pending_readers(self, slot: str, micro_batch: int) -> set[str]:
+    def _pending_readers(self, slot: str, micro_batch: int, chunk: int) -> set[str]:
         readers = {item for spec in INSTRUCTION_SPECS.values() if slot in spec.reads for item in spec.work}
-        return (readers & self.required) - self.done[micro_batch]
+        return (readers & self.required[chunk]) - self.done.get((chunk, micro_batch), set())
 
     def _end_batch(self) -> None:
         missing = self.missing_work()
@@ -483,10 +584,12 @@ class _StageReplay:
         self.batch_ended = True
 
     def missing_work(self) -> str:
-        for micro_batch, done in enumerate(self.done):
-            for item in sorted(self.required - done):
-                providers = [cls.__name__ for cls, spec in INSTRUCTION_SPECS.items() if item in spec.work]
-                return f"the {item} of micro-batch {micro_batch} ({' or '.join(providers)})"
+        for micro_batch in range(self.micro_batches):
+            for chunk, required in self.required.items():
+                for item in sorted(required - self.done.get((chunk, micro_batch), set())):
+                    providers = [cls.__name__ for cls, spec in INSTRUCTION_SPECS.items() if item in spec.work]
+                    where = f" on chunk {chunk}" if self.layout.chunks > 1 else ""
+                    return f"the {item} of micro-batch {micro_batch}{where} ({' or '.join(providers)})"
         return ""
 
     def check_complete(self) -> None:
@@ -514,23 +617,19 @@ def _replay(
     micro_batches: int,
     costs: Mapping[str, Sequence[float]],
     backend: str,
-    posting: str,
-) -> tuple[list[TimelineEvent], list[int]]:
+    transport: str,
+) -> tuple[list[TimelineEvent], list[int], list[int]]:
     """Run all stages' streams together as a discrete-event simulation of :class:`SchedulePipelineEngine`.
 
-    A stage runs local instructions back to back. A batch of transfers is posted at once; between two stages the
-    k-th send meets the k-th receive (no tags, as DeepSpeed sends), and the tensor arrives the sender's "send" cost
-    after both are posted. The stage goes on when its receives have arrived and, where a send waits for its receive
-    (nccl, a shapes exchange, or DeepSpeed's blocking posting), its sends have been received. When no stage can move
-    and some have not finished, the schedule deadlocks.
+    A stage runs local instructions back to back and posts a unit of transfers at once; it waits for the receives
+    (and, with blocking posting, for every transfer). When no stage can move and some have not finished, the
+    schedule deadlocks.
     """
     replays = [
-        _StageReplay(schedule(micro_batches=micro_batches, stages=stages, stage_id=stage), micro_batches, posting)
+        _StageReplay(schedule(micro_batches=micro_batches, stages=stages, stage_id=stage), micro_batches, transport)
         for stage in range(stages)
     ]
-    sends: dict[tuple[int, int], list[_Transfer]] = defaultdict(list)  # (sender, receiver) -> in posting order
-    receives: dict[tuple[int, int], list[_Transfer]] = defaultdict(list)
-    sends_wait = backend == "nccl" or posting == "blocking"
+    network = _Network(costs, backend, transport)
     timeline: list[TimelineEvent] = []
     moved = True
     while moved:
@@ -542,146 +641,163 @@ def _replay(
                     (instruction,) = unit.instructions
                     spec = replay.at(instruction)
                     start = replay.clock
-                    replay.clock += costs[spec.cost][replay.stage] if spec.cost else 0.0
+                    stage = replay.layout.stage(replay.stage, _chunk(instruction))
+                    replay.clock += costs[spec.cost][stage] if spec.cost else 0.0
                     timeline.append(replay.run(instruction, start, replay.clock))
                 else:
                     if replay.posted is None:
-                        replay.posted = _post(replay, unit, sends, receives)
-                    partners = [_partner(replay, transfer, sends, receives) for transfer in replay.posted]
-                    if any(p is None and _waits(t, sends_wait) for t, p in zip(replay.posted, partners)):
+                        replay.posted = [network.post(replay, entry) for entry in zip(unit.instructions, unit.shapes)]
+                    if any(network.done(t) is None for t in replay.posted if network.waited(t)):
                         break
-                    timeline += _complete(replay, unit, partners, costs, sends_wait)
+                    timeline += network.complete(replay)
                     replay.posted = None
                 replay.index += 1
                 moved = True
     blocked = [replay for replay in replays if not replay.finished]
     if blocked:
-        waits = [_waiting(replay, sends, receives, replays, sends_wait) for replay in blocked]
         raise ScheduleError(
-            f"deadlock ({_MODELS[backend, posting]}): {'; '.join(waits)}. A transfer must meet its counterpart, "
-            "in the same order on both ends of the link, without either side waiting for the other first."
+            f"deadlock ({backend}, {TRANSPORTS[transport]}): {'; '.join(network.waiting(r, replays) for r in blocked)}."
+            " A transfer must meet its counterpart, in the same order on both ends of its channel, without either "
+            "side waiting for the other first."
         )
-    for (sender, receiver), posted in sends.items():
-        unmatched = posted[len(receives[(sender, receiver)]) :]
-        if unmatched:
-            first = unmatched[0]
-            payload = INSTRUCTION_SPECS[type(first.instruction)].link.payload
-            raise ScheduleError(
-                f"stage {sender} sends micro-batch {first.micro_batch}'s {payload} to stage {receiver}, which never "
-                "receives it"
-            )
+    network.check_all_received()
     for replay in replays:
         replay.check_complete()
     timeline.sort(key=lambda event: (event.start, event.stage))
-    return timeline, [replay.peak_activations for replay in replays]
+    layout = replays[0].layout
+    per_stage = [replays[rank].peak_by_chunk[chunk] for rank, chunk in map(layout.location, range(layout.stages))]
+    return timeline, [replay.peak_activations for replay in replays], per_stage
 
 
-def _waits(transfer: _Transfer, sends_wait: bool) -> bool:
-    """Whether ``transfer`` holds its stage up until it meets its counterpart."""
-    return transfer.shapes or sends_wait or not INSTRUCTION_SPECS[type(transfer.instruction)].link.sends
+class _Network:
+    """The channels between the stages: who posted what, what met what, and when each transfer completed."""
 
+    def __init__(self, costs: Mapping[str, Sequence[float]], backend: str, transport: str) -> None:
+        self.costs, self.backend, self.transport = costs, backend, transport
+        self.queues: dict[tuple, list[_Transfer]] = defaultdict(list)  # (channel, sender, receiver, sends) -> posted
+        self.last: dict[tuple[int, tuple], _Transfer] = {}  # (rank, channel) -> the rank's latest transfer on it
 
-_MODELS = {
-    ("gloo", "batched"): "gloo: sends do not wait, receives wait for their send",
-    ("nccl", "batched"): "nccl: a send waits for its receive and a batch for all its transfers",
-    ("gloo", "blocking"): "DeepSpeed's blocking send and receive, one at a time",
-    ("nccl", "blocking"): "DeepSpeed's blocking send and receive, one at a time",
-}
+    def channel(self, rank: int, peer: int, link: tuple[int, int]) -> tuple:
+        if rank == peer:
+            return ("local", *link)
+        if self.transport == "engine":
+            return ("link", *link)
+        return ("pair", min(rank, peer), max(rank, peer))
 
-
-def _post(
-    replay: _StageReplay,
-    unit: _Unit,
-    sends: dict[tuple[int, int], list[_Transfer]],
-    receives: dict[tuple[int, int], list[_Transfer]],
-) -> list[_Transfer]:
-    """Post the unit's transfers at the stage's clock; a send's micro-batch (and its effect on the buffers, which
-    the engine frees once the tensor is handed over) is settled when it is posted."""
-    posted = []
-    for instruction in unit.instructions:
+    def post(self, replay: _StageReplay, entry: tuple[PipeInstruction, bool]) -> _Transfer:
+        """Post a send or receive at the stage's clock; a send's micro-batch (and its effect on the buffers, which
+        the engine frees once the tensor is handed over) is settled when it is posted."""
+        instruction, shapes = entry
         spec = replay.at(instruction)
-        peer = replay.peer(spec.link)
-        transfer = _Transfer(replay.stage, instruction, replay.clock, shapes=unit.kind == "shapes")
-        if spec.link.sends and not transfer.shapes:
+        peer, _, link = replay.link(instruction, spec)
+        channel = self.channel(replay.stage, peer, link)
+        transfer = _Transfer(replay.stage, peer, instruction, replay.clock, shapes, link, channel, spec.link.sends)
+        if transfer.sends and not shapes:
             transfer.micro_batch = replay._apply(instruction, spec, None)
-        queue = sends[(replay.stage, peer)] if spec.link.sends else receives[(peer, replay.stage)]
+        sender, receiver = (replay.stage, peer) if transfer.sends else (peer, replay.stage)
+        queue = self.queues[(channel, sender, receiver, transfer.sends)]
         transfer.position = len(queue)
         queue.append(transfer)
-        posted.append(transfer)
-    return posted
+        transfer.previous = self.last.get((replay.stage, channel))
+        self.last[(replay.stage, channel)] = transfer
+        return transfer
 
+    def waited(self, transfer: _Transfer) -> bool:
+        """Whether the stage waits for ``transfer`` before it goes on."""
+        return not transfer.sends or (self.transport == "blocking" and not transfer.local)
 
-def _partner(
-    replay: _StageReplay,
-    transfer: _Transfer,
-    sends: dict[tuple[int, int], list[_Transfer]],
-    receives: dict[tuple[int, int], list[_Transfer]],
-) -> _Transfer | None:
-    """The transfer ``transfer`` meets (the same position on the other end of the link), once it is posted."""
-    spec = INSTRUCTION_SPECS[type(transfer.instruction)]
-    peer = replay.stage + spec.link.peer
-    theirs = receives if spec.link.sends else sends
-    pair = (replay.stage, peer) if spec.link.sends else (peer, replay.stage)
-    if transfer.position >= len(theirs[pair]):
-        return None
-    partner = theirs[pair][transfer.position]
-    partner_spec = INSTRUCTION_SPECS[type(partner.instruction)]
-    if partner.shapes != transfer.shapes or partner_spec.link != spec.link.counterpart():
-        replay.at(transfer.instruction)
-        what = "the tensor shapes" if partner.shapes else f"{partner.instruction!r}"
-        raise replay.error(f"meets {what} of stage {peer}: transfers between two stages must pair up in order")
-    return partner
-
-
-def _complete(
-    replay: _StageReplay,
-    unit: _Unit,
-    partners: list[_Transfer],
-    costs: Mapping[str, Sequence[float]],
-    sends_wait: bool,
-) -> list[TimelineEvent]:
-    """Finish a posted unit once every transfer in it has met its partner: the events, and the stage's clock."""
-    events, waited, finish = [], replay.clock, replay.clock
-    for transfer, partner in zip(replay.posted, partners):
-        spec = INSTRUCTION_SPECS[type(transfer.instruction)]
-        if spec.link.sends and not _waits(transfer, sends_wait):
-            events.append(
-                TimelineEvent(replay.stage, type(transfer.instruction), transfer.micro_batch, waited, transfer.posted)
+    def partner(self, transfer: _Transfer) -> _Transfer | None:
+        """The transfer ``transfer`` meets (the same position in the other direction of its channel), once posted;
+        it must be the same kind of tensor between the same two stages."""
+        sender, receiver = (transfer.stage, transfer.peer) if transfer.sends else (transfer.peer, transfer.stage)
+        theirs = self.queues[(transfer.channel, sender, receiver, not transfer.sends)]
+        if transfer.position >= len(theirs):
+            return None
+        partner = theirs[transfer.position]
+        if partner.shapes != transfer.shapes or partner.link != transfer.link:
+            what = "the tensor shapes" if partner.shapes else f"{partner.instruction!r}"
+            mine = "the tensor shapes for " if transfer.shapes else ""
+            raise ScheduleError(
+                f"stage {transfer.stage}: {mine}{transfer.instruction!r} meets {what} of stage {transfer.peer}: "
+                "transfers between two stages must pair up in order on their channel"
             )
-            continue
-        sender = transfer if spec.link.sends else partner
-        cost = 0.0 if transfer.shapes else costs[spec.cost][sender.stage]
-        start, waited = waited, max(waited, max(transfer.posted, partner.posted) + cost)
-        finish = max(finish, waited)
-        if transfer.shapes:
-            continue
-        if spec.link.sends:
-            events.append(TimelineEvent(replay.stage, type(transfer.instruction), transfer.micro_batch, start, waited))
-        else:
-            events.append(replay.run(transfer.instruction, start, waited, incoming=partner.micro_batch))
-    replay.clock = finish
-    return events
+        return partner
 
+    def done(self, transfer: _Transfer, visiting: frozenset = frozenset()) -> float | None:
+        """When ``transfer`` completed, if it can: once it heads its channel on its rank, and (a receive, or any
+        transfer on nccl) once its partner heads the channel on the other rank; ``None`` while it cannot."""
+        if transfer.done is not None or id(transfer) in visiting:
+            return transfer.done
+        visiting = visiting | {id(transfer)}
+        start = self._start(transfer, visiting)
+        if start is None:
+            return None
+        if transfer.sends and (self.backend == "gloo" or transfer.local):
+            transfer.done = start
+            return start
+        partner = self.partner(transfer)
+        if partner is None:
+            return None
+        partner_start = self._start(partner, visiting)
+        if partner_start is None:
+            return None
+        sender = transfer if transfer.sends else partner
+        cost = 0.0 if transfer.shapes or transfer.local else self.costs["send"][sender.link[0]]
+        transfer.done = max(start, partner_start) + cost
+        return transfer.done
 
-def _waiting(
-    replay: _StageReplay,
-    sends: dict[tuple[int, int], list[_Transfer]],
-    receives: dict[tuple[int, int], list[_Transfer]],
-    replays: list[_StageReplay],
-    sends_wait: bool,
-) -> str:
-    """Where a blocked stage stands: its step, what it posted, and the stages it waits for."""
-    unit = replay.unit
-    peers = sorted(
-        replay.stage + INSTRUCTION_SPECS[type(t.instruction)].link.peer
-        for t in replay.posted
-        if _partner(replay, t, sends, receives) is None and _waits(t, sends_wait)
-    )
-    if unit.kind == "shapes":
-        what = f"the tensor shapes before {unit.instructions[0]!r}"
-    elif len(unit.instructions) == 1:
-        what = repr(unit.instructions[0])
-    else:
-        what = f"batch [{', '.join(map(repr, unit.instructions))}]"
-    waits = [f"stage {peer}" + (", which has finished" if replays[peer].finished else "") for peer in peers]
-    return f"stage {replay.stage}, step {unit.step}, {what} waits for {' and '.join(waits)}"
+    def _start(self, transfer: _Transfer, visiting: frozenset) -> float | None:
+        if transfer.local or transfer.previous is None:
+            return transfer.posted
+        previous = self.done(transfer.previous, visiting)
+        return None if previous is None else max(transfer.posted, previous)
+
+    def complete(self, replay: _StageReplay) -> list[TimelineEvent]:
+        """Finish a posted unit whose waited transfers completed: the events (waits in posting order), and the
+        stage's clock."""
+        events, waited = [], replay.clock
+        for transfer in replay.posted:
+            start = waited
+            if self.waited(transfer):
+                waited = max(waited, self.done(transfer))
+            if transfer.shapes:
+                continue
+            chunk = _chunk(transfer.instruction)
+            if transfer.sends:
+                end = waited if self.waited(transfer) else transfer.posted
+                events.append(
+                    TimelineEvent(replay.stage, type(transfer.instruction), transfer.micro_batch, start, end, chunk)
+                )
+            else:
+                incoming = self.partner(transfer).micro_batch
+                events.append(replay.run(transfer.instruction, start, waited, incoming=incoming))
+        replay.clock = waited
+        return events
+
+    def waiting(self, replay: _StageReplay, replays: list[_StageReplay]) -> str:
+        """Where a blocked stage stands: its step, what it posted, and whom it waits for (and, for a transfer queued
+        on its channel behind one of its own, behind which)."""
+        waits = []
+        for transfer in replay.posted:
+            if not self.waited(transfer) or self.done(transfer) is not None:
+                continue
+            peer = f"stage {transfer.peer}" + (", which has finished" if replays[transfer.peer].finished else "")
+            ahead = transfer.previous
+            if ahead is not None and self.done(ahead) is None:
+                peer += f" (queued on their channel behind {ahead.instruction!r})"
+            waits.append(peer)
+        return (
+            f"stage {replay.stage}, step {replay.unit.step}, {replay.unit.describe()} waits for {' and '.join(waits)}"
+        )
+
+    def check_all_received(self) -> None:
+        for (_, sender, receiver, sends), posted in self.queues.items():
+            if not sends:
+                continue
+            for transfer in posted:
+                if self.partner(transfer) is None:
+                    payload = INSTRUCTION_SPECS[type(transfer.instruction)].link.payload
+                    raise ScheduleError(
+                        f"stage {sender} sends micro-batch {transfer.micro_batch}'s {payload} to stage {receiver}, "
+                        "which never receives it"
+                    )

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ..observe.simulation import simulate
-from ..schedules import DEFAULT_SCHEDULE, get_schedule
+from ..schedules import DEFAULT_SCHEDULE, Layout, get_schedule
 from .costs import LayerCosts, LayerStats, count_layer_stats, shared_layer_costs
 from .solver import StageCost
 
@@ -32,7 +32,7 @@ class PartitionContext:
     """
 
     layers: Sequence[Any]
-    num_stages: int
+    num_stages: int  # stages in all: pipeline ranks x virtual stages
     sample_input: SampleInput | None = None
     micro_batches: int | None = None
     schedule: str | None = None
@@ -43,12 +43,28 @@ class PartitionContext:
     optimizer_state_bytes: float = 8.0
     seconds_per_byte: float | None = None
     repeats: int = 3
+    virtual_stages: int = 1
     _memo: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def schedule_name(self) -> str:
         """The schedule the partition plans for."""
         return (self.schedule or DEFAULT_SCHEDULE).lower()
+
+    def simulated_schedule(self) -> type:
+        """The schedule class the partition plans for, with this context's chunks per rank."""
+        schedule = get_schedule(self.schedule_name)
+        return schedule.with_chunks(self.virtual_stages) if self.virtual_stages > 1 else schedule
+
+    @property
+    def layout(self) -> Layout:
+        """Which rank holds which stage."""
+        return Layout(self.ranks, self.virtual_stages, getattr(self.simulated_schedule(), "placement", "loop"))
+
+    @property
+    def ranks(self) -> int:
+        """Pipeline ranks: the stages over the chunks each holds."""
+        return self.num_stages // self.virtual_stages
 
     def require(self, name: str, needed_by: str) -> Any:
         """``self.<name>``, or a ValueError saying that ``needed_by`` needs it and what it is."""
@@ -91,12 +107,12 @@ class PartitionContext:
         return LayerCosts.counted(stats.forward_flops, stats.backward_flops, unit="FLOP")
 
     def in_flight(self) -> list[int]:
-        """Per stage, the most micro-batches the schedule keeps forwarded but not yet backwarded (1F1B:
+        """Per (global) stage, the most micro-batches the schedule keeps forwarded but not yet backwarded (1F1B:
         min(K - s, M); GPipe: M), from the schedule simulator, so every registered schedule is covered."""
         if "in_flight" not in self._memo:
-            micro_batches = self.micro_batches or self.num_stages
-            result = simulate(get_schedule(self.schedule_name), self.num_stages, micro_batches)
-            self._memo["in_flight"] = result.peak_buffers
+            micro_batches = self.micro_batches or self.ranks
+            result = simulate(self.simulated_schedule(), self.ranks, micro_batches)
+            self._memo["in_flight"] = result.peak_per_stage
         return self._memo["in_flight"]
 
     @property

@@ -8,7 +8,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..observe.simulation import simulate
-from ..schedules import get_schedule
 from .context import PartitionContext
 from .costs import LayerCosts
 from .methods import layer_type_name
@@ -92,7 +91,7 @@ def partition_report(
     stats = ctx.stats()
     bounds = list(boundaries)
     n, k = len(ctx.layers), len(bounds) - 1
-    micro_batches = ctx.micro_batches or k
+    micro_batches = ctx.micro_batches or ctx.ranks
     memory = ctx.stage_memory() if ctx.sample_input is not None else None
     names = [layer_type_name(layer) or type(layer).__name__ for layer in ctx.layers]
     stage_costs = [_stage_cost(costs, start, stop, n) if costs else None for start, stop in zip(bounds, bounds[1:])]
@@ -117,12 +116,14 @@ def partition_report(
         backward = [sum(costs.backward[a:b]) for a, b in zip(bounds, bounds[1:])]
         send = [_stage_send(costs, a, b, n) for a, b in zip(bounds, bounds[1:])]
         result = simulate(
-            get_schedule(ctx.schedule_name),
-            k,
+            ctx.simulated_schedule(),
+            ctx.ranks,
             micro_batches,
             costs={"forward": forward, "backward": backward, "send": send},
         )
-        optimizer = max(sum(costs.step[a:b]) * micro_batches for a, b in zip(bounds, bounds[1:]))
+        steps = [sum(costs.step[a:b]) * micro_batches for a, b in zip(bounds, bounds[1:])]
+        rank_of = [ctx.layout.location(stage)[0] for stage in range(k)]
+        optimizer = max(sum(t for t, r in zip(steps, rank_of) if r == rank) for rank in range(ctx.ranks))
         step_time, bubble = result.makespan + optimizer, result.bubble_fraction
     return PartitionReport(
         method=method,

@@ -6,10 +6,11 @@ stage's passes, lowered to DeepSpeed's instructions by one function. A new sched
 :func:`ds_pipe_ext.validate` checks it before it runs.
 """
 
-from . import builtin, zero_bubble  # noqa: F401  (registers the built-in schedules)
+from . import builtin, virtual, zero_bubble  # noqa: F401  (registers the built-in schedules)
 from .builtin import GPipeSchedule, OneFOneBSchedule
 from .compute_order import ComputeOrderSchedule, Pass, lower
 from .instructions import BackwardInputPass, BackwardWeightPass
+from .layout import Layout
 from .registry import (
     DEEPSPEED_BUILTIN,
     DEFAULT_SCHEDULE,
@@ -26,6 +27,7 @@ __all__ = [
     "BackwardInputPass",
     "BackwardWeightPass",
     "ComputeOrderSchedule",
+    "Layout",
     "GPipeSchedule",
     "OneFOneBSchedule",
     "Pass",

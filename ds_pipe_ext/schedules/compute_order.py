@@ -36,6 +36,7 @@ from deepspeed.runtime.pipe.schedule import (
 )
 
 from .instructions import BackwardInputPass, BackwardWeightPass
+from .layout import Layout
 
 __all__ = [
     "BACKWARD_INPUT",
@@ -62,41 +63,57 @@ END_OF_BATCH: tuple[type[PipeInstruction], ...] = (ReduceTiedGrads, ReduceGrads,
 
 @dataclass(frozen=True)
 class Pass:
-    """One pass of one stage over one micro-batch: ``kind`` is ``F``, ``B``, ``I`` or ``W``."""
+    """One pass over one micro-batch: ``kind`` is ``F``, ``B``, ``I`` or ``W``; ``chunk`` is which of the rank's
+    model chunks (virtual stages) it runs, 0 without virtual stages."""
 
     kind: str
     micro_batch: int
+    chunk: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in _COMPUTE:
             raise ValueError(f"unknown pass kind {self.kind!r}: use one of {', '.join(_COMPUTE)}")
 
     def __str__(self) -> str:
-        return f"{self.kind}{self.micro_batch}"
+        return f"{self.kind}{self.micro_batch}" + (f"c{self.chunk}" if self.chunk else "")
 
 
 def lower(
-    order: Sequence[Pass | None], stage: int, stages: int, buffer_id: Callable[[Pass], int]
+    order: Sequence[Pass | None], rank: int, layout: Layout, buffer_id: Callable[[Pass], int]
 ) -> list[list[PipeInstruction]]:
-    """The instruction steps that run ``order`` on ``stage`` of ``stages``: one step per entry (``None`` is a step
-    in which the stage computes nothing but still sends what the previous pass produced), one more if the last
-    pass produced something to send, and the end-of-batch reduction appended to the last step."""
-    first, last = stage == 0, stage == stages - 1
+    """The instruction steps that run ``order`` on pipeline rank ``rank`` of ``layout``: one step per entry
+    (``None`` is a step in which the rank computes nothing but still sends what the previous pass produced), one
+    more if the last pass produced something to send, and the end-of-batch reduction appended to the last step.
+
+    With virtual stages every instruction names its chunk, and the engine and the simulator find the neighbour a
+    transfer goes to from the layout (the same rank, for the turn of the v placement). A rank loads each
+    micro-batch once: where it holds the first and the last stage, the load names the last stage's buffer for the
+    labels.
+    """
+    tag = layout.chunks > 1
+    ends = [layout.location(0), layout.location(layout.stages - 1)]
+    both_ends = ends[0][0] == ends[1][0] == rank and ends[0] != ends[1]  # two chunks of this rank
     steps: list[list[PipeInstruction]] = []
     produced: list[PipeInstruction] = []
     for entry in order:
         transfers, work = list(produced), []
         produced = []
         if entry is not None:
-            buffer = buffer_id(entry)
+            buffer, chunk = buffer_id(entry), {"chunk": entry.chunk} if tag else {}
+            stage = layout.stage(rank, entry.chunk)
+            first, last = stage == 0, stage == layout.stages - 1
             if entry.kind == FORWARD:
-                transfers += [] if first else [RecvActivation(buffer)]
-                work += [LoadMicroBatch(buffer)] if first or last else []
-                produced = [] if last else [SendActivation(buffer)]
+                transfers += [] if first else [RecvActivation(buffer, **chunk)]
+                if first and both_ends:
+                    labels = buffer_id(Pass(FORWARD, entry.micro_batch, ends[1][1]))
+                    work.append(LoadMicroBatch(buffer, label_buffer=labels, **chunk))
+                elif first or (last and not both_ends):
+                    work.append(LoadMicroBatch(buffer, **chunk))
+                produced = [] if last else [SendActivation(buffer, **chunk)]
             elif entry.kind in (FULL_BACKWARD, BACKWARD_INPUT):
-                transfers += [] if last else [RecvGrad(buffer)]
-                produced = [] if first else [SendGrad(buffer)]
-            work.append(_COMPUTE[entry.kind](buffer))
+                transfers += [] if last else [RecvGrad(buffer, **chunk)]
+                produced = [] if first else [SendGrad(buffer, **chunk)]
+            work.append(_COMPUTE[entry.kind](buffer, **chunk))
         transfers.sort(key=lambda instruction: _TRANSFER_ORDER.index(type(instruction)))
         steps.append(transfers + work)
     if produced:
@@ -105,24 +122,26 @@ def lower(
     return steps
 
 
-def fewest_buffers(order: Sequence[Pass | None], stage: int, stages: int) -> int:
-    """The fewest pipeline buffers ``order`` needs on ``stage`` when micro-batch ``m`` uses buffer ``m % n``: two
-    micro-batches may share a buffer only if no instruction of one falls between the first and last of the other."""
+def fewest_buffers(order: Sequence[Pass | None], rank: int, layout: Layout) -> int:
+    """The fewest pipeline buffers per chunk ``order`` needs on ``rank`` when micro-batch ``m`` of a chunk uses
+    that chunk's buffer ``m % n``: two micro-batches may share a buffer only if no instruction of one falls
+    between the first and last of the other."""
+    keys = sorted({(p.chunk, p.micro_batch) for p in order if p is not None})
+    unique = {key: index for index, key in enumerate(keys)}
     first_use: dict[int, int] = {}
     last_use: dict[int, int] = {}
-    instructions = (i for step in lower(order, stage, stages, lambda p: p.micro_batch) for i in step)
-    for position, instruction in enumerate(instructions):
+    steps = lower(order, rank, layout, lambda p: unique[(p.chunk, p.micro_batch)])
+    for position, instruction in enumerate(i for step in steps for i in step):
         if isinstance(instruction, BufferOpInstruction):
             first_use.setdefault(instruction.buffer_id, position)
             last_use[instruction.buffer_id] = position
-    micro_batches = sorted(first_use)
-    for buffers in range(1, len(micro_batches) + 1):
-        sharing: dict[int, list[int]] = {}
-        for micro_batch in micro_batches:
-            sharing.setdefault(micro_batch % buffers, []).append(micro_batch)
+    for buffers in range(1, len(keys) + 1):
+        sharing: dict[tuple[int, int], list[int]] = {}
+        for (chunk, micro_batch), index in unique.items():
+            sharing.setdefault((chunk, micro_batch % buffers), []).append(index)
         if all(_disjoint(group, first_use, last_use) for group in sharing.values()):
             return buffers
-    return max(1, len(micro_batches))
+    return max(1, len(keys))
 
 
 def _disjoint(group: list[int], first_use: dict[int, int], last_use: dict[int, int]) -> bool:
@@ -131,23 +150,45 @@ def _disjoint(group: list[int], first_use: dict[int, int], last_use: dict[int, i
 
 
 class ComputeOrderSchedule(PipeSchedule):
-    """A ``PipeSchedule`` defined by :meth:`order`, each stage's passes; :func:`lower` writes its instructions.
+    """A ``PipeSchedule`` defined by :meth:`order`, each rank's passes; :func:`lower` writes its instructions.
 
-    Micro-batch ``m`` uses buffer ``m % num_pipe_buffers()``, and the buffer count is derived from the order
-    (:func:`fewest_buffers`), two at least, as DeepSpeed's engine allocates. A new schedule is one ``order()``
-    and ``@register_schedule("name")``.
+    ``stages`` is the number of pipeline ranks, as for DeepSpeed's schedules; a schedule with virtual stages says
+    how many chunks each rank holds and how they are placed (``chunks``, ``placement``; :meth:`with_chunks` makes a
+    variant with another count). Micro-batch ``m`` of chunk ``c`` uses buffer ``c * n + m % n``, and ``n`` is
+    derived from the order (:func:`fewest_buffers`), two at least, as DeepSpeed's engine allocates. A new schedule
+    is one ``order()`` and ``@register_schedule("name")``.
     """
+
+    placement: str = "loop"
+    chunks: int = 1
 
     @abstractmethod
     def order(self) -> list[Pass | None]:
-        """This stage's passes in the order it runs them; ``None`` is a step with no pass."""
+        """This rank's passes in the order it runs them; ``None`` is a step with no pass."""
+
+    @classmethod
+    def with_chunks(cls, chunks: int) -> type[ComputeOrderSchedule]:
+        """This schedule with ``chunks`` chunks per rank."""
+        if chunks == cls.chunks:
+            return cls
+        Layout(1, chunks, cls.placement)  # refuses a count the placement cannot hold
+        return type(cls.__name__, (cls,), {"chunks": chunks, "__doc__": cls.__doc__, "__module__": cls.__module__})
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(self.stages, self.chunks, self.placement)
 
     def steps(self) -> Iterator[list[PipeInstruction]]:
-        yield from lower(self.order(), self.stage_id, self.stages, lambda p: self._buffer_idx(p.micro_batch))
+        yield from lower(self.order(), self.stage_id, self.layout, self.buffer_id)
+
+    def buffer_id(self, entry: Pass) -> int:
+        """The pipeline buffer ``entry``'s micro-batch uses on its chunk."""
+        return entry.chunk * self.buffers_per_chunk + entry.micro_batch % self.buffers_per_chunk
 
     def num_pipe_buffers(self) -> int:
-        return self._buffers
+        return self.chunks * self.buffers_per_chunk
 
     @cached_property
-    def _buffers(self) -> int:
-        return max(2, fewest_buffers(self.order(), self.stage_id, self.stages))
+    def buffers_per_chunk(self) -> int:
+        """Pipeline buffers per chunk: the fewest the order needs (:func:`fewest_buffers`), two at least."""
+        return max(2, fewest_buffers(self.order(), self.stage_id, self.layout))
