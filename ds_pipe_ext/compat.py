@@ -5,23 +5,18 @@ the oldest and the newest (:data:`TESTED_DEEPSPEED`). The rest of the package ca
 differ, and checks no version itself. What differs (read in the sources of 0.17.0, 0.17.6, 0.18.0, 0.18.2-0.18.4,
 0.18.6, 0.18.7, 0.18.9 and 0.19.0-0.19.8; the release named is the first that has it):
 
-============================================================  ============  ============================================
-DeepSpeed                                                     since         here
-============================================================  ============  ============================================
-``tensor_parallel.init_utils.load_ds_config``                 0.18.5-0.18.6  :func:`load_ds_config` (inline before)
-a hook on each stage output divides its gradient by the       0.18.3        :func:`loss_for_backward` divides the loss
-accumulation steps; before it, ``PipelineEngine`` does not                  where no hook does
-divide at all (it sums the micro-batches' gradients)
-... and refuses a backward ``engine.backward`` did not start   0.18.3        :func:`running_engine_backward`
-(its own stages set ``_running_engine_backward`` from 0.18.5)
-... on the last stage only (before: every stage divides the   0.19.3        :func:`stage_output_grad`
-gradient it received once more)
-``deepspeed.comm.isend`` does not block (before: a blocking   0.19.6        :func:`isend` (torch.distributed's)
-``send`` that returns None)
-``_configure_basic_optimizer`` no longer pops ``torch_adam``  0.19.1        :func:`config_for_deepspeed`
-out of the caller's config dict
-DeepSpeed's DualPipeV (``deepspeed.runtime.pipe.dualpipev``)  0.19.8        :func:`dualpipev`
-============================================================  ============  ============================================
+- :func:`load_ds_config`: ``deepspeed.runtime.tensor_parallel.init_utils.load_ds_config`` is there from 0.18.5
+  or 0.18.6 (inside ``DeepSpeedConfig`` before).
+- :func:`loss_for_backward`: from 0.18.3 a hook on each stage output divides its gradient by the accumulation
+  steps; before it ``PipelineEngine`` divides nowhere (its micro-batches' gradients sum).
+- :func:`running_engine_backward`: that hook refuses a backward ``engine.backward`` did not start unless
+  ``_running_engine_backward`` is set; ``PipelineEngine`` sets it for its own backwards from 0.18.5 or 0.18.6.
+- :func:`stage_output_grad`: from 0.19.3 the hook divides on the last stage only; before, every other stage
+  divides the gradient it received once more.
+- :func:`isend`: ``deepspeed.comm.isend`` posts a send from 0.19.6; before, it is a blocking ``send`` returning
+  None.
+- :func:`config_for_deepspeed`: before 0.19.1 DeepSpeed pops ``torch_adam`` out of the caller's config dict.
+- :func:`dualpipev`: DeepSpeed's DualPipeV (``deepspeed.runtime.pipe.dualpipev``) is there from 0.19.8.
 
 So DeepSpeed's own engine (schedule ``"deepspeed"``) trains with another gradient scale on older releases
 (:func:`stock_pipeline_gradient_scale`); ``SchedulePipelineEngine`` divides as 0.19.8 does on every release.
@@ -141,7 +136,7 @@ def load_ds_config(config: Any) -> dict:
     """A DeepSpeed config (a JSON/HJSON file's path, its base64 text, or a dict) as a dict, read as DeepSpeed does."""
     try:
         from deepspeed.runtime.tensor_parallel.init_utils import load_ds_config as deepspeeds
-    except ImportError:  # before 0.18.5-0.18.6 the same lines were inside DeepSpeedConfig
+    except ImportError:  # before 0.18.5 or 0.18.6 the same lines were inside DeepSpeedConfig
         deepspeeds = _load_ds_config
     return deepspeeds(config)
 
@@ -199,8 +194,8 @@ def loss_for_backward(engine: Any, loss: Any) -> Any:
 @contextmanager
 def running_engine_backward(engine: Any) -> Iterator[None]:
     """Around a backward ``engine.backward`` did not start: DeepSpeed's output hook (0.18.3 on) refuses one unless
-    ``_running_engine_backward`` is set, as ``PipelineEngine`` sets it for its own from 0.18.5 (not in 0.18.3-0.18.4,
-    where DeepSpeed's own stages but the last fail)."""
+    ``_running_engine_backward`` is set. ``PipelineEngine`` sets it for its own from 0.18.5 or 0.18.6; in 0.18.3 and
+    0.18.4 the backward of DeepSpeed's own stages but the last fail."""
     engine._running_engine_backward = True
     try:
         yield
