@@ -5,10 +5,12 @@ The heavy pieces (they import DeepSpeed) load on first use, so ``ds-pipe --help`
 
 from importlib import import_module
 
+from .compat import SUPPORTED_DEEPSPEED, check_deepspeed
+
 __version__ = "0.1.0"
 
-#: DeepSpeed releases this package is tested against (the engine hook uses 0.19-series internals).
-SUPPORTED_DEEPSPEED = ">=0.19.8,<0.20"
+# An unsupported DeepSpeed fails here, naming the supported range; read from package metadata, not imported.
+check_deepspeed()
 
 _LAZY = {
     "PipelineModule": "ds_pipe_ext.module",

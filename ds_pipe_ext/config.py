@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .compat import load_ds_config
 from .schedules.registry import DEFAULT_SCHEDULE, schedule_name
 
 __all__ = ["gradient_accumulation_steps", "load_config", "resolve_schedule"]
@@ -17,8 +18,6 @@ __all__ = ["gradient_accumulation_steps", "load_config", "resolve_schedule"]
 
 def load_config(args: Any = None, config: Any = None) -> dict:
     """The config as a dict, from ``args.deepspeed_config`` (a path) or ``config`` (a path or a dict)."""
-    from deepspeed.runtime.tensor_parallel.init_utils import load_ds_config
-
     if getattr(args, "deepspeed_config", None) is not None:
         if config is not None:
             raise ValueError("pass the DeepSpeed config either as --deepspeed_config or as config=, not both")

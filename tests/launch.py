@@ -10,8 +10,10 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from subprocess import PIPE
 from types import ModuleType
 
+import psutil
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,9 +41,30 @@ def launch(script: Path, args: list[str], ranks: int, timeout: float = 600) -> s
     port = free_port()
     cmd = [str(DEEPSPEED), "--num_gpus", str(ranks), "--master_port", str(port), str(script), *args]
     try:
-        return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        with subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=PIPE, stderr=PIPE, text=True) as launcher:
+            try:
+                stdout, stderr = launcher.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                kill_tree(launcher.pid)  # killing the launcher alone would leave its ranks running
+                launcher.communicate()
+                raise
+        return subprocess.CompletedProcess(cmd, launcher.returncode, stdout, stderr)
     finally:
         remove_shm_buffers(port)
+
+
+def kill_tree(pid: int) -> None:
+    """Kill a process and everything it started (a launcher, its ranks and their data-loader workers)."""
+    try:
+        processes = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        processes = []
+    for process in processes:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(processes, timeout=30)
 
 
 def write_config(path: Path, train_batch: int, micro_batch: int, **extra) -> Path:

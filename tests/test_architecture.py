@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "ds_pipe_ext"
 
 #: The rooms, lowest first. A module may import from its own room and the rooms below it, never above.
 ROOMS = [
-    {"schedules"},
+    {"compat", "schedules"},
     {"observe"},
     {"partition", "config", "topology", "watchdog", "checkpoint", "models"},
     {"module"},
@@ -48,7 +48,8 @@ def imports_of(module: str) -> list[tuple[str, int, bool]]:
             if node.level:
                 anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join([*anchor, *([base] if base else [])])
-            targets = [base] + [f"{base}.{alias.name}" for alias in node.names]
+            # ``from .. import compat`` imports the submodule, not a name of the package's __init__.
+            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base for alias in node.names]
         elif isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
         else:

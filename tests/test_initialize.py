@@ -114,10 +114,14 @@ def test_the_engine_takes_over_only_deepspeeds_pipeline_engine():
         SchedulePipelineEngine.adopt(object.__new__(deepspeed.DeepSpeedEngine), GPipeSchedule)
 
 
-#: ``deepspeed.initialize``'s pipeline branch, whitespace-normalised and hashed, in each supported release.
-#: ds_pipe_ext.initialize delegates to it and then adopts the PipelineEngine it built; a release that changes the
-#: branch must be read again before it is added here.
+#: ``deepspeed.initialize``'s pipeline branch, whitespace-normalised and hashed, in each supported release (keyed by
+#: the releases read). ds_pipe_ext.initialize delegates to it and then adopts the PipelineEngine it built; a release
+#: that changes the branch must be read again before it is added here. All build a plain ``PipelineEngine`` for a
+#: ``PipelineModule``: 0.17.0 from the config alone, later releases after ``set_optimizer_flags(config, model)``,
+#: 0.19.8 through ``DualPipeVEngine if isinstance(model, DualPipeVModule) else PipelineEngine``.
 KNOWN_PIPELINE_BRANCHES = {
+    "0.17.0": "15d2421362eba097",
+    "0.17.6, 0.18.0, 0.18.2-0.18.4, 0.18.6, 0.18.7, 0.18.9, 0.19.0-0.19.7": "92c5f346cc5888c5",
     "0.19.8": "9e78066490260bd9",
 }
 

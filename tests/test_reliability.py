@@ -20,7 +20,18 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from launch import DEEPSPEED, EXAMPLE, ROOT, free_port, import_script, launch, losses, run_example, write_config
+from launch import (
+    DEEPSPEED,
+    EXAMPLE,
+    ROOT,
+    free_port,
+    import_script,
+    kill_tree,
+    launch,
+    losses,
+    run_example,
+    write_config,
+)
 from torch import nn
 
 import ds_pipe_ext
@@ -463,16 +474,7 @@ def read_rest(launcher: subprocess.Popen, lines: list[str]) -> threading.Thread:
 
 def end_all(launcher: subprocess.Popen) -> None:
     """Kill whatever is left of the job: the launcher, its ranks and their data-loader workers."""
-    try:
-        processes = [psutil.Process(launcher.pid), *psutil.Process(launcher.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        processes = []
-    for process in processes:
-        try:
-            process.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(processes, timeout=30)
+    kill_tree(launcher.pid)
     launcher.wait()
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from .. import compat
 from ..config import load_config, resolve_schedule
 from ..schedules import DEEPSPEED_BUILTIN, DEFAULT_SCHEDULE, get_schedule
 from .pipeline_engine import SchedulePipelineEngine
@@ -61,9 +62,9 @@ def initialize(
         mpu=mpu,
         dist_init_required=dist_init_required,
         collate_fn=collate_fn,
-        config=config,
+        config=compat.config_for_deepspeed(config),
         mesh_param=mesh_param,
-        config_params=config_params,
+        config_params=compat.config_for_deepspeed(config_params),
     )
     if not isinstance(model, PipelineModule):
         if schedule is not None or trace_dir is not None:
@@ -71,7 +72,7 @@ def initialize(
         return deepspeed.initialize(**ds_kwargs)
 
     config_dict = load_config(args, config if config is not None else config_params)
-    default = DEEPSPEED_BUILTIN if _is_dualpipev(model) else DEFAULT_SCHEDULE
+    default = DEEPSPEED_BUILTIN if compat.is_dualpipev_module(model) else DEFAULT_SCHEDULE
     name = resolve_schedule(schedule, config_dict, model, default=default)
     if name == DEEPSPEED_BUILTIN:
         if trace_dir is not None:
@@ -80,7 +81,7 @@ def initialize(
                 "DeepSpeed's built-in) to trace"
             )
         return deepspeed.initialize(**ds_kwargs)
-    if _is_dualpipev(model):
+    if compat.is_dualpipev_module(model):
         raise ValueError(
             f"DeepSpeed's DualPipeVModule runs only DeepSpeed's DualPipeVEngine, not schedule {name!r}: leave the "
             "schedule unset (or 'deepspeed') for it"
@@ -102,12 +103,3 @@ def initialize(
     if tracer is not None:
         tracer.align()
     return engine, engine_optimizer, loader, scheduler
-
-
-def _is_dualpipev(model: torch.nn.Module) -> bool:
-    """Whether ``model`` is DeepSpeed's ``DualPipeVModule`` (DeepSpeed 0.19.8 and later have one)."""
-    try:
-        from deepspeed.runtime.pipe.dualpipev import DualPipeVModule
-    except ImportError:
-        return False
-    return isinstance(model, DualPipeVModule)

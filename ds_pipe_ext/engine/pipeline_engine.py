@@ -31,6 +31,7 @@ from deepspeed.runtime.pipe import p2p
 from deepspeed.runtime.pipe import schedule as ds_schedule
 from deepspeed.runtime.pipe.engine import PipelineEngine
 
+from .. import compat
 from ..observe.simulation import ScheduleError, validate
 from ..schedules import BackwardInputPass, BackwardWeightPass
 from ..schedules.instructions import RECEIVES, SENDS, transfer_runs
@@ -155,25 +156,25 @@ class SchedulePipelineEngine(PipelineEngine):
 
     def _exec_backward_pass(self, buffer_id: int) -> None:
         if self.is_last_stage():
-            self.loss = self.pipe_buffers["losses"][buffer_id]
+            self.loss = compat.loss_for_backward(self, self.pipe_buffers["losses"][buffer_id])
             self.pipe_buffers["losses"][buffer_id] = None
         else:
             self.grad_layer = self.pipe_buffers["grads"][buffer_id]
             self.pipe_buffers["grads"][buffer_id] = None
-        super()._exec_backward_pass(buffer_id)
+        with compat.running_engine_backward(self):
+            super()._exec_backward_pass(buffer_id)
 
     def _exec_backward_input_pass(self, buffer_id: int) -> None:
         """I: the gradient of the stage input, for ``SendGrad``; what the weights' gradients need waits for W.
 
-        On the last stage I starts from the unscaled loss: DeepSpeed's hook on the stage output
-        (``_backward_prologue_per_tensor``) divides the gradient by the accumulation steps, as it does for any
-        backward it did not start itself. The first stage has no input gradient to compute: its W runs the
-        whole backward.
+        On the last stage I starts from the loss as a B would (:func:`ds_pipe_ext.compat.loss_for_backward`: DeepSpeed's
+        hook on the stage output divides the gradient by the accumulation steps, or, on releases without that hook,
+        the loss is divided). The first stage has no input gradient to compute: its W runs the whole backward.
         """
         if self.is_first_stage():
             return
         if self.is_last_stage():
-            outputs, grads = [self.pipe_buffers["losses"][buffer_id]], [None]
+            outputs, grads = [compat.loss_for_backward(self, self.pipe_buffers["losses"][buffer_id])], [None]
             self.pipe_buffers["losses"][buffer_id] = None
         else:
             outputs, grads = self.pipe_buffers["outputs"][buffer_id], self.pipe_buffers["grads"][buffer_id]
@@ -183,13 +184,10 @@ class SchedulePipelineEngine(PipelineEngine):
             else:
                 outputs = [output for output in outputs if output.is_floating_point()]
         inputs = self.pipe_buffers["inputs"][buffer_id]
-        self._running_engine_backward = True  # DeepSpeed's output hook refuses backwards it does not know of
-        try:
+        with compat.running_engine_backward(self):
             pending = backward_input(
                 outputs, grads, [inputs] if torch.is_tensor(inputs) else inputs, self.module.parameters()
             )
-        finally:
-            self._running_engine_backward = False
         self.pipe_buffers["pending_weight_grads"][buffer_id] = pending
 
     def _exec_backward_weight_pass(self, buffer_id: int) -> None:
@@ -366,7 +364,7 @@ class SchedulePipelineEngine(PipelineEngine):
         sends = self._pending_sends[link]
         if len(sends) >= self._send_windows[link]:
             for work in sends.popleft():
-                work.wait()  # gloo's is_completed() stays False until wait()
+                work.wait()  # arrived already: returns at once (gloo's is_completed() stays False until wait())
 
     def _wait_for_sends(self) -> None:
         for sends in self._pending_sends.values():
@@ -435,6 +433,12 @@ class SchedulePipelineEngine(PipelineEngine):
         if self.tracer is None:
             raise RuntimeError("this engine is not tracing: pass trace_dir= to ds_pipe_ext.initialize")
         return self.tracer.save()
+
+    # ---- where DeepSpeed releases differ (ds_pipe_ext.compat) ----
+
+    def _backward_prologue_per_tensor(self, grad: torch.Tensor) -> torch.Tensor:
+        """DeepSpeed's hook on a stage output (0.18.3 on): divide by the accumulation steps on the last stage only."""
+        return compat.stage_output_grad(self, grad)
 
     _INSTRUCTION_MAP = {
         **PipelineEngine._INSTRUCTION_MAP,
