@@ -30,7 +30,7 @@ from deepspeed.runtime.pipe import schedule as ds_schedule
 from deepspeed.runtime.pipe.engine import PipelineEngine
 
 from ..schedules import BackwardInputPass, BackwardWeightPass
-from ..schedules.instructions import transfer_runs
+from ..schedules.instructions import transfer_runs, uses_split_backward
 from .split_backward import backward_input, backward_weight, check_engine_can_split
 
 __all__ = ["SchedulePipelineEngine", "send_window"]
@@ -92,8 +92,7 @@ class SchedulePipelineEngine(PipelineEngine):
             stage: send_window(schedule_cls, self.micro_batches, self.num_stages, self.stage_id, stage)
             for stage in neighbours
         }
-        split = (BackwardInputPass, BackwardWeightPass)
-        if any(isinstance(cmd, split) for step in self._schedule() for cmd in step):
+        if uses_split_backward(self._schedule()):
             check_engine_can_split(self)  # once, on every rank, before the first batch
 
     def _schedule(self) -> ds_schedule.PipeSchedule:

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
 
+from ..schedules.instructions import SPLIT_BACKWARD_BACKENDS
+
 __all__ = [
     "PendingWeightGrads",
     "backward_input",
@@ -141,7 +143,7 @@ def check_engine_can_split(engine: Any, backend: str | None = None) -> None:
             ("activation checkpointing", getattr(engine.module, "activation_checkpoint_interval", 0) > 0),
             ("partitioned pipeline activations", engine.is_pipe_partitioned or engine.is_grad_partitioned),
             ("dynamic activation shapes", engine.dynamic_shape),
-            (f"the {backend} backend", backend not in (None, "gloo")),
+            (f"the {backend} backend", backend not in (None, *SPLIT_BACKWARD_BACKENDS)),
         )
         if enabled
     ]
