@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from deepspeed.runtime.pipe.schedule import PipeSchedule
+
 from ..observe.simulation import simulate
 from ..schedules import get_schedule
 from .context import PartitionContext
@@ -14,7 +16,15 @@ from .costs import LayerCosts
 from .methods import layer_type_name
 from .registry import get_partition_method
 
-__all__ = ["PartitionReport", "StageSummary", "compare_partitions", "format_comparison", "partition_report"]
+__all__ = [
+    "PartitionReport",
+    "StageSummary",
+    "compare_partitions",
+    "format_comparison",
+    "format_cost",
+    "partition_report",
+    "predict_step",
+]
 
 
 @dataclass(frozen=True)
@@ -28,6 +38,7 @@ class StageSummary:
     cost_share: float | None
     params: int
     memory_bytes: float | None
+    spread: float | None = None  # the measured cost's interquartile range over its median, between rounds
 
 
 @dataclass(frozen=True)
@@ -52,9 +63,15 @@ class PartitionReport:
             return None
         return max(costs) / (sum(costs) / len(costs))
 
+    @property
+    def spread(self) -> float | None:
+        """The largest stage's spread: how far apart repeated measurements of the costs lay (``None``: counted)."""
+        spreads = [stage.spread for stage in self.stages if stage.spread is not None]
+        return max(spreads) if spreads else None
+
     def to_dict(self) -> dict[str, Any]:
         stage_costs = [stage.cost for stage in self.stages]
-        return {**asdict(self), "stage_costs": stage_costs, "imbalance": self.imbalance}
+        return {**asdict(self), "stage_costs": stage_costs, "imbalance": self.imbalance, "spread": self.spread}
 
     def format(self) -> str:
         unit = {"s": "seconds", "FLOP": "FLOPs", None: "no costs: give sample_input"}.get(
@@ -64,19 +81,24 @@ class PartitionReport:
         lines = [
             f"partition {self.method!r}: {len(self.stages)} stages, schedule {self.schedule}, "
             f"{self.micro_batches} micro-batches{assumed}; cost per micro-batch in {unit}",
-            f"{'stage':>5}  {'layers':<9} {'cost':>10} {'share':>6} {'params':>8} {'memory':>10}  types",
+            f"{'stage':>5}  {'layers':<9} {'cost':>10} {'spread':>6} {'share':>6} {'params':>8} {'memory':>10}  types",
         ]
         for index, stage in enumerate(self.stages):
             layers = f"{stage.start}-{stage.stop - 1}"
             lines.append(
-                f"{index:>5}  {layers:<9} {_number(stage.cost, self.cost_unit):>10} "
+                f"{index:>5}  {layers:<9} {format_cost(stage.cost, self.cost_unit):>10} {_percent(stage.spread):>6} "
                 f"{_percent(stage.cost_share):>6} {_count(stage.params):>8} {_mebibytes(stage.memory_bytes):>10}  "
                 f"{stage.layer_types}"
             )
         if self.step_time is not None:
             lines.append(
-                f"slowest/mean stage {self.imbalance:.2f}; predicted step {_number(self.step_time, self.cost_unit)}, "
-                f"bubble {_percent(self.bubble_fraction)}"
+                f"slowest/mean stage {self.imbalance:.2f}; predicted step "
+                f"{format_cost(self.step_time, self.cost_unit)}, bubble {_percent(self.bubble_fraction)}"
+            )
+        if self.spread is not None:
+            lines.append(
+                f"spread: the middle half of the measuring rounds lay within {_percent(self.spread)} of each other "
+                "on the least steady stage; splits closer than that are a toss-up"
             )
         return "\n".join(lines)
 
@@ -89,11 +111,10 @@ def partition_report(
     costs = costs if costs is not None else ctx.known_costs()
     stats = ctx.stats()
     bounds = list(boundaries)
-    n, k = len(ctx.layers), len(bounds) - 1
-    micro_batches = ctx.micro_batches or k
+    micro_batches = ctx.micro_batches or len(bounds) - 1
     memory = ctx.stage_memory() if ctx.sample_input is not None else None
     names = [layer_type_name(layer) or type(layer).__name__ for layer in ctx.layers]
-    stage_costs = [_stage_cost(costs, start, stop, n) if costs else None for start, stop in zip(bounds, bounds[1:])]
+    stage_costs = [costs.stage_time(a, b, micro_batches) if costs else None for a, b in zip(bounds, bounds[1:])]
     total = sum(stage_costs) if costs else 0
     stages = [
         StageSummary(
@@ -106,22 +127,11 @@ def partition_report(
             cost_share=cost / total if total else None,
             params=sum(stats.params[start:stop]),
             memory_bytes=memory(s, start, stop) if memory else None,
+            spread=costs.spread(start, stop) if costs else None,
         )
         for s, (start, stop, cost) in enumerate(zip(bounds, bounds[1:], stage_costs))
     ]
-    step_time = bubble = None
-    if costs is not None:
-        forward = [sum(costs.forward[a:b]) for a, b in zip(bounds, bounds[1:])]
-        backward = [sum(costs.backward[a:b]) for a, b in zip(bounds, bounds[1:])]
-        send = [_stage_send(costs, a, b, n) for a, b in zip(bounds, bounds[1:])]
-        result = simulate(
-            get_schedule(ctx.schedule_name),
-            k,
-            micro_batches,
-            costs={"forward": forward, "backward": backward, "send": send},
-        )
-        optimizer = max(sum(costs.step[a:b]) * micro_batches for a, b in zip(bounds, bounds[1:]))
-        step_time, bubble = result.makespan + optimizer, result.bubble_fraction
+    step_time, bubble = predict_step(ctx, bounds, costs) if costs is not None else (None, None)
     return PartitionReport(
         method=method,
         boundaries=bounds,
@@ -135,10 +145,37 @@ def partition_report(
     )
 
 
-def _stage_cost(costs: LayerCosts, start: int, stop: int, n: int) -> float:
-    """What :func:`balance` charged the stage: its layers, plus two transfers at each end that is a cut."""
-    cuts = (costs.cut[start - 1] if start > 0 else 0) + (costs.cut[stop - 1] if stop < n else 0)
-    return sum(costs.totals()[start:stop]) + 2 * cuts
+def predict_step(
+    ctx: PartitionContext,
+    boundaries: Sequence[int],
+    costs: LayerCosts,
+    schedule: type[PipeSchedule] | None = None,
+) -> tuple[float, float]:
+    """The step time and bubble the schedule simulator predicts for ``boundaries`` under ``costs``.
+
+    Every stage's passes and transfers are replayed in the schedule's order (``schedule``, default the context's);
+    after its last pass each stage runs its optimizer step and, with data-parallel replicas, the all-reduce of its
+    gradients. The step ends when the last of those ends: DeepSpeed's ``train_batch`` ends by broadcasting the
+    loss from the last stage, so no rank moves on before every stage is done.
+    """
+    bounds = list(boundaries)
+    spans = list(zip(bounds, bounds[1:]))
+    n, k = len(ctx.layers), len(spans)
+    per_stage = lambda values: [sum(values[a:b]) for a, b in spans]
+    passes = {"forward": per_stage(costs.forward), "backward": per_stage(costs.backward)}
+    if costs.backward_input is not None and costs.backward_weight is not None:
+        passes.update(backward_input=per_stage(costs.backward_input), backward_weight=per_stage(costs.backward_weight))
+    passes["send"] = [_stage_send(costs, a, b, n) for a, b in spans]
+    result = simulate(schedule or get_schedule(ctx.schedule_name), k, ctx.micro_batches or k, costs=passes)
+    ends = [0.0] * k
+    for event in result.timeline:
+        ends[event.stage] = max(ends[event.stage], event.end)
+    grad_bytes = per_stage(ctx.stats().grad_bytes)
+    tails = [
+        step + costs.link.allreduce(nbytes, ctx.data_parallel_size)
+        for step, nbytes in zip(per_stage(costs.step), grad_bytes)
+    ]
+    return max(end + tail for end, tail in zip(ends, tails)), result.bubble_fraction
 
 
 def _stage_send(costs: LayerCosts, start: int, stop: int, n: int) -> float:
@@ -148,7 +185,8 @@ def _stage_send(costs: LayerCosts, start: int, stop: int, n: int) -> float:
     return sum(sends) / len(sends) if sends else 0.0
 
 
-def _number(value: float | None, unit: str | None) -> str:
+def format_cost(value: float | None, unit: str | None) -> str:
+    """A cost for people: milliseconds or seconds when measured, else the number and its unit."""
     if value is None:
         return "-"
     if unit == "s":
@@ -189,8 +227,8 @@ def compare_partitions(ctx: PartitionContext, methods: Sequence[str], costs: str
 
 def format_comparison(reports: Sequence[PartitionReport]) -> str:
     """Methods side by side: boundaries, each stage's share of the cost, the slowest stage over the mean, the
-    predicted step time and bubble, and the fullest device's memory."""
-    rows = [("method", "boundaries", "stage shares", "slowest/mean", "step", "bubble", "peak memory")]
+    predicted step time, the measurement's spread and the bubble, and the fullest device's memory."""
+    rows = [("method", "boundaries", "stage shares", "slowest/mean", "step", "spread", "bubble", "peak memory")]
     for report in reports:
         memory = [stage.memory_bytes for stage in report.stages]
         rows.append(
@@ -199,7 +237,8 @@ def format_comparison(reports: Sequence[PartitionReport]) -> str:
                 ",".join(map(str, report.boundaries)),
                 " ".join(f"{100 * stage.cost_share:.0f}%" for stage in report.stages if stage.cost_share is not None),
                 "-" if report.imbalance is None else f"{report.imbalance:.2f}",
-                _number(report.step_time, report.cost_unit),
+                format_cost(report.step_time, report.cost_unit),
+                _percent(report.spread),
                 _percent(report.bubble_fraction),
                 _mebibytes(None if None in memory else max(memory)),
             )
