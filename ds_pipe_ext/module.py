@@ -18,8 +18,8 @@ from deepspeed import comm as dist
 from deepspeed.accelerator import get_accelerator
 from deepspeed.utils import logger
 
-from .planner import auto  # noqa: F401  (registers partition_method="auto")
 from .partition import PartitionContext, SampleInput, get_partition_method, partition_report
+from .planner import auto  # noqa: F401  (registers partition_method="auto")
 from .schedules import AUTO_SCHEDULE, schedule_name
 
 _DEEPSPEED_INIT = inspect.signature(deepspeed.pipe.PipelineModule.__init__)

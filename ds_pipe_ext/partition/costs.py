@@ -495,25 +495,26 @@ class _LayerProbe:
         if split_backward:
             out = self._forward()
             inputs = [t for t in _tensors(self.input) if t.requires_grad]
-            start = self._now()
-            self._backward(out, inputs, retain_graph=True)
-            times["backward_input"] = self._now() - start
-            start = self._now()
-            self._backward(out, [p for p in self.parameters if p.requires_grad])
-            times["backward_weight"] = self._now() - start
-        times["step"] = 0.0
-        if self.optimizer is not None:
-            start = self._now()
-            self.optimizer.step()
-            times["step"] = self._now() - start
+            weights = [p for p in self.parameters if p.requires_grad]
+            times["backward_input"] = self._timed(lambda: self._backward(out, inputs, retain_graph=True), inputs)
+            times["backward_weight"] = self._timed(lambda: self._backward(out, weights), weights)
+        times["step"] = self._timed(self.optimizer.step, [self.optimizer]) if self.optimizer else 0.0
         return times
+
+    def _timed(self, work: Callable[[], Any], needed: list[Any]) -> float:
+        """Seconds ``work`` takes; 0 when there is nothing for it to do (``needed`` is empty)."""
+        if not needed:
+            return 0.0
+        start = self._now()
+        work()
+        return self._now() - start
 
     def _forward(self) -> Any:
         return self.fn(_map_tensors(self.input, torch.Tensor.clone))  # in-place layers must not change the input
 
     def _backward(self, out: Any, inputs: list[torch.Tensor] | None = None, retain_graph: bool = False) -> None:
         outputs = [t for t in _tensors(out) if t.requires_grad]
-        if outputs and (inputs is None or inputs):
+        if outputs:
             torch.autograd.backward(outputs, self.grads, inputs=inputs, retain_graph=retain_graph)
 
     def _now(self) -> float:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 from typing import Any
 
@@ -107,6 +107,12 @@ class Plan:
             "ds_config": self.ds_config(),
             "module_kwargs": self.module_kwargs(),
         }
+
+    @classmethod
+    def from_dict(cls, entry: Mapping[str, Any]) -> Plan:
+        """The plan :meth:`to_dict` (or ``ds-pipe plan --auto --json``) wrote; the derived entries are ignored."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in entry.items() if key in names})
 
     def describe(self) -> str:
         knobs = "".join(f", {key}={value}" for key, value in self.knobs.items())
