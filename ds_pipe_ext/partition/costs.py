@@ -254,21 +254,24 @@ def measure_layer_costs(ctx: CostInputs) -> LayerCosts:
     After a warm-up pass, ``ctx.repeats`` rounds each time every layer once: its forward, its backward (and, when
     ``ctx.split_backward``, the input and weight halves) and a ``torch.optim.Adam`` step, on a copy (the user's
     modules keep their weights), with gradients accumulating as under gradient accumulation. Rounds alternate
-    between forward and reverse layer order, and ranks start each layer together. A disturbance (another process,
-    a clock change) so lands on one round of many layers rather than on every timing of one layer, and the
-    per-layer median over rounds discards it: the layers' relative costs, which decide the cut, stay put from run
-    to run. ``cut`` is the layer's output sent over the link (``ctx.seconds_per_byte``, else measured between the
-    ranks, :func:`measure_link`; free in a single process).
+    between forward and reverse layer order, a disturbance (another process, a clock change) so lands on one round
+    of many layers rather than on every timing of one layer, and the per-layer median over rounds discards it: the
+    layers' relative costs, which decide the cut, stay put from run to run. Ranks take turns in opposite orders and
+    start each turn together: while one times a front layer another times a back one, as pipeline stages run
+    different layers at once (timing the same layer on every rank would make memory-bound layers contend with
+    themselves). ``cut`` is the layer's output sent over the link (``ctx.seconds_per_byte``, else measured between
+    the ranks, :func:`measure_link`; free in a single process).
     """
     device = torch.device(ctx.device)
     link = LinkCosts(send_per_byte=ctx.seconds_per_byte) if ctx.seconds_per_byte is not None else measure_link(device)
     repeats = max(1, ctx.repeats)
+    rank = dist.get_rank() if _distributed() else 0
     with _rng_preserved(device):
         probes = _layer_probes(ctx.layers, ctx.sample(), device)
         timings: list[list[dict[str, float]]] = [[{} for _ in probes] for _ in range(repeats)]
         for round_index in range(repeats):
-            order = range(len(probes)) if round_index % 2 == 0 else reversed(range(len(probes)))
-            for index in order:
+            forward_order = (round_index + rank) % 2 == 0
+            for index in range(len(probes)) if forward_order else reversed(range(len(probes))):
                 if _distributed():
                     dist.barrier()
                 timings[round_index][index] = probes[index].time(ctx.split_backward)
