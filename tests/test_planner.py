@@ -13,6 +13,7 @@ from functools import partial
 
 import pytest
 import torch
+from launch import ROOT, launch, run_example, write_config
 from torch import nn
 
 from ds_pipe_ext import PipelineModule
@@ -224,8 +225,8 @@ def test_a_schedule_that_declares_knobs_is_tried_with_each(knobbed_schedule):
 # ---- ds-pipe plan --auto ---------------------------------------------------------------------------------------------
 
 
-AUTO_ARGS = ["plan", "--auto", "--world", "2", "--global-batch", "8", "--model", "alexnet", "--image-size", "64"]
-AUTO_ARGS += ["--micro-batches", "2", "4", "--schedules", "1f1b", "gpipe", "zb-h1"]
+AUTO_SPACE = ["--auto", "--world", "2", "--global-batch", "8", "--model", "alexnet", "--image-size", "64"]
+AUTO_ARGS = ["plan", *AUTO_SPACE, "--micro-batches", "2", "4", "--schedules", "1f1b", "gpipe", "zb-h1"]
 
 
 def test_plan_auto_json_round_trips_and_is_the_librarys_search(monkeypatch, capsys):
@@ -408,3 +409,29 @@ def test_the_step_prediction_adds_each_stages_optimizer_step_and_all_reduce():
     assert timeline
     assert predict_step(ctx, bounds, costs)[0] > alone
     assert predict_step(ctx, bounds, costs)[0] <= alone + max(tails) + 1e-12
+
+
+# ---- on launched ranks ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_plan_auto_measures_on_every_launched_rank(tmp_path):
+    out = tmp_path / "plans.json"
+    args = ["plan", *AUTO_SPACE, "--micro-batches", "2", "--schedules", "1f1b", "zb-h1", "--repeats", "2"]
+    script = ROOT / "ds_pipe_ext" / "__main__.py"
+    result = launch(script, [*args, "--out", str(out)], 2, launcher_args=["--no_local_rank"])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("plans fit") == 1  # rank 0 prints
+    assert "measured on 2 ranks at once (in situ)" in result.stdout
+    plans = [Plan.from_dict(entry) for entry in json.loads(out.read_text())["plans"]]
+    assert {plan.schedule for plan in plans} == {"1f1b", "zb-h1"} and all(plan.step_time > 0 for plan in plans)
+
+
+@pytest.mark.slow
+def test_the_example_trains_with_the_planners_choice(tmp_path):
+    config = write_config(tmp_path / "ds_config.json", train_batch=16, micro_batch=4)
+    args = ["--dataset", "synthetic", "--image-size", "64", "--steps", "2", "-p", "2"]
+    record = run_example(tmp_path, "auto", 2, config, [*args, "--partition", "auto", "--schedule", "auto"])
+    assert record["schedule"] in available_schedules()
+    assert len(record["stage_boundaries"]) == 3 and len(record["steps"]) == 2
+    assert "partition 'auto'" in record["stdout"]

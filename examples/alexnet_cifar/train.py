@@ -32,6 +32,7 @@ from ds_pipe_ext.config import gradient_accumulation_steps, load_config, resolve
 from ds_pipe_ext.models.vision import MODELS, build_model, check_image_size, join_layers, sample_batch
 from ds_pipe_ext.observe.trace import bubble_report, load_trace
 from ds_pipe_ext.partition import PartitionContext, get_partition_method
+from ds_pipe_ext.planner import auto  # noqa: F401  (registers --partition auto)
 from ds_pipe_ext.topology import describe, make_topology
 from ds_pipe_ext.watchdog import PeerWatchdog
 
@@ -62,13 +63,15 @@ def get_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--partition",
         default="parameters",
-        help="partition method: DeepSpeed's (parameters, uniform, type:REGEX) or a ds_pipe_ext one",
+        help="partition method: DeepSpeed's (parameters, uniform, type:REGEX) or a ds_pipe_ext one (auto: the "
+        "planner's fastest plan for these stages and micro-batches, with --schedule auto the schedule too)",
     )
     parser.add_argument(
         "--schedule",
         default=None,
-        help="pipeline schedule: a registered name (1f1b, gpipe, ...) or 'deepspeed' for "
-        "DeepSpeed's untouched engine (default: the config's pipeline.schedule, else 1f1b)",
+        help="pipeline schedule: a registered name (1f1b, gpipe, ...), 'deepspeed' for "
+        "DeepSpeed's untouched engine, or 'auto' with --partition auto (default: the config's pipeline.schedule, "
+        "else 1f1b)",
     )
     parser.add_argument("--model", choices=MODELS, default="alexnet")
     parser.add_argument("--dataset", choices=("cifar10", "synthetic"), default="cifar10")
@@ -267,6 +270,7 @@ def train_pipe(args: argparse.Namespace, plan: RunPlan, log: dict):
         schedule=plan.schedule,
     )
     log["stage_boundaries"] = list(module.parts)
+    log["schedule"] = module.schedule  # with --schedule auto, the planner's choice
     trainset, _ = build_data(args, plan)
     engine, _, _, _ = ds_pipe_ext.initialize(
         args=args,
