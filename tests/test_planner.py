@@ -279,19 +279,22 @@ class FakeAlexNetCosts(FakeCosts):
 # ---- in a module -----------------------------------------------------------------------------------------------------
 
 
-def tiny_layers() -> list[nn.Module]:
-    return [nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 16), nn.ReLU(), nn.Linear(16, 5)]
+def auto_module(schedule: str, memory_budget: float | None = None) -> PipelineModule:
+    """A one-stage module partitioned by the planner, measuring real (tiny) layers."""
+    layers = [nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 16), nn.ReLU(), nn.Linear(16, 5)]
+    return PipelineModule(
+        layers,
+        num_stages=1,
+        partition_method="auto",
+        schedule=schedule,
+        sample_input=lambda: torch.zeros(2, 3, 10, 10),
+        micro_batches=2,
+        memory_budget=memory_budget,
+    )
 
 
 def test_auto_module_picks_a_schedule_that_initialize_resolves(single_rank_group):
-    module = PipelineModule(
-        tiny_layers(),
-        num_stages=1,
-        partition_method="auto",
-        schedule="auto",
-        sample_input=lambda: torch.zeros(2, 3, 10, 10),
-        micro_batches=2,
-    )
+    module = auto_module("auto")
     assert module.schedule in available_schedules() and module.plan.schedule == module.schedule
     assert module.parts == module.plan.boundaries == [0, 6]
     assert module.partition_report.schedule == module.schedule
@@ -303,26 +306,15 @@ def test_auto_module_picks_a_schedule_that_initialize_resolves(single_rank_group
 
 
 def test_auto_module_keeps_a_named_schedule_and_its_budget(single_rank_group):
-    def build(budget):
-        return PipelineModule(
-            tiny_layers(),
-            num_stages=1,
-            partition_method="auto",
-            schedule="gpipe",
-            sample_input=lambda: torch.zeros(2, 3, 10, 10),
-            micro_batches=2,
-            memory_budget=budget,
-        )
-
-    module = build(None)
+    module = auto_module("gpipe")
     assert module.schedule == "gpipe" and module.plan.schedule == "gpipe"
     with pytest.raises(NoPlanFits, match=f"smallest budget that fits is {module.plan.peak_memory:.0f} bytes"):
-        build(module.plan.peak_memory - 1)
+        auto_module("gpipe", memory_budget=module.plan.peak_memory - 1)
 
 
 def test_schedule_auto_needs_the_auto_partition():
     with pytest.raises(ValueError, match="use partition_method='auto'"):
-        PipelineModule(tiny_layers(), num_stages=1, partition_method="uniform", schedule="auto")
+        PipelineModule([nn.ReLU(), nn.ReLU()], num_stages=1, partition_method="uniform", schedule="auto")
     with pytest.raises(ValueError, match="chosen by the planner together with the partition"):
         get_schedule("auto")
 
@@ -397,18 +389,22 @@ def test_variants_share_what_was_measured():
         ctx.variant(layers=[])
 
 
-def test_the_step_prediction_adds_each_stages_optimizer_step_and_all_reduce():
+def test_the_step_ends_when_the_last_stage_has_stepped_and_all_reduced():
     ctx = replace(template(), sample_input=partial(sample_input, 2)).variant(
         num_stages=2, micro_batches=4, schedule="1f1b", data_parallel_size=2
     )
-    costs, bounds = ctx.measured_costs(), [0, 3, 6]
-    alone = predict_step(ctx.variant(data_parallel_size=1), bounds, replace(costs, step=[0.0] * 6))[0]
-    grads = ctx.stats().grad_bytes
-    tails = [sum(STEP[a:b]) + LINK.allreduce(sum(grads[a:b]), 2) for a, b in ((0, 3), (3, 6))]
-    timeline = simulate(get_schedule("1f1b"), 2, 4).timeline  # unit costs: only the shape of the check matters
-    assert timeline
-    assert predict_step(ctx, bounds, costs)[0] > alone
-    assert predict_step(ctx, bounds, costs)[0] <= alone + max(tails) + 1e-12
+    costs, spans = ctx.measured_costs(), [(0, 3), (3, 6)]
+    per_stage = lambda values: [sum(values[a:b]) for a, b in spans]
+    sends = [costs.cut[2], costs.cut[2]]  # the one cut, sent forward by stage 0 and backward by stage 1
+    passes = {"forward": per_stage(costs.forward), "backward": per_stage(costs.backward), "send": sends}
+    passes.update(backward_input=per_stage(costs.backward_input), backward_weight=per_stage(costs.backward_weight))
+    timeline = simulate("1f1b", 2, 4, costs=passes).timeline
+    ends = [max(event.end for event in timeline if event.stage == stage) for stage in (0, 1)]
+    grads = per_stage(ctx.stats().grad_bytes)
+    tails = [step + LINK.allreduce(nbytes, 2) for step, nbytes in zip(per_stage(STEP), grads)]
+    assert predict_step(ctx, [0, 3, 6], costs)[0] == pytest.approx(max(e + t for e, t in zip(ends, tails)))
+    no_tails = replace(costs, step=[0.0] * 6)
+    assert predict_step(ctx.variant(data_parallel_size=1), [0, 3, 6], no_tails)[0] == pytest.approx(max(ends))
 
 
 # ---- on launched ranks ----------------------------------------------------------------------------------------------
