@@ -80,6 +80,11 @@ def splits(n: int, k: int):
         yield [0, *cuts, n]
 
 
+def worst(stage_cost, bounds: list[int]) -> float:
+    """The largest ``stage_cost`` over the stages of ``bounds``."""
+    return max(stage_cost(s, a, b) for s, (a, b) in enumerate(zip(bounds, bounds[1:])))
+
+
 def brute_force(world: int, global_batch: int, budget: float) -> dict[tuple[int, int, str], dict]:
     """Every (stages, micro-batches, schedule) by exhaustive search over the splits: the fastest slowest stage
     among the splits that fit (lexicographically largest on ties), else the least memory."""
@@ -96,12 +101,7 @@ def brute_force(world: int, global_batch: int, budget: float) -> dict[tuple[int,
                 costs = ctx.measured_costs()
                 memory = ctx.stage_memory(simulate(name, stages, micro_batches).peak_buffers)
 
-                def peak(bounds, memory=memory):
-                    return max(memory(s, a, b) for s, (a, b) in enumerate(zip(bounds, bounds[1:])))
-
-                def slowest(bounds, costs=costs, micro_batches=micro_batches):
-                    return max(costs.stage_time(a, b, micro_batches) for a, b in zip(bounds, bounds[1:]))
-
+                peak, slowest = partial(worst, memory), partial(worst, costs.stage_time(micro_batches))
                 fitting = [bounds for bounds in splits(n, stages) if peak(bounds) <= budget]
                 if fitting:
                     best = min(slowest(bounds) for bounds in fitting)

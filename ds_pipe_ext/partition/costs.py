@@ -115,12 +115,17 @@ class LayerCosts:
         batch has ``micro_batches`` of them, cuts aside."""
         return [f + b + s / micro_batches for f, b, s in zip(self.forward, self.backward, self.step)]
 
-    def stage_time(self, start: int, stop: int, micro_batches: int) -> float:
-        """What a stage of layers ``start..stop-1`` costs per micro-batch: its layers, plus two transfers at each
-        end that is a cut (the balance the partition solvers strike)."""
-        n = len(self.forward)
-        cuts = (self.cut[start - 1] if start > 0 else 0) + (self.cut[stop - 1] if stop < n else 0)
-        return sum(self.per_micro_batch(micro_batches)[start:stop]) + 2 * cuts
+    def stage_time(self, micro_batches: int) -> Callable[[int, int, int], float]:
+        """``seconds(stage, start, stop)``: what a stage of layers ``start..stop-1`` costs per micro-batch, its
+        layers plus two transfers at each end that is a cut (what the partition solvers balance). Prefix sums, so
+        that a solver may call it for every candidate stage."""
+        n, prefix = len(self.forward), list(itertools.accumulate(self.per_micro_batch(micro_batches), initial=0.0))
+
+        def seconds(stage: int, start: int, stop: int) -> float:
+            cuts = (self.cut[start - 1] if start > 0 else 0) + (self.cut[stop - 1] if stop < n else 0)
+            return prefix[stop] - prefix[start] + 2 * cuts
+
+        return seconds
 
     def spread(self, start: int, stop: int) -> float | None:
         """How much the stage's measured forward + backward varied between rounds: the interquartile range over the

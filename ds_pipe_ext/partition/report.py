@@ -114,7 +114,8 @@ def partition_report(
     micro_batches = ctx.micro_batches or len(bounds) - 1
     memory = ctx.stage_memory() if ctx.sample_input is not None else None
     names = [layer_type_name(layer) or type(layer).__name__ for layer in ctx.layers]
-    stage_costs = [costs.stage_time(a, b, micro_batches) if costs else None for a, b in zip(bounds, bounds[1:])]
+    stage_time = costs.stage_time(micro_batches) if costs else None
+    stage_costs = [stage_time(s, a, b) if costs else None for s, (a, b) in enumerate(zip(bounds, bounds[1:]))]
     total = sum(stage_costs) if costs else 0
     stages = [
         StageSummary(

@@ -232,7 +232,8 @@ def search_plans(template: PartitionContext, space: PlanSpace, sample_input: Sam
                 over_budget.append(plan)
     fitting.sort(key=lambda entry: entry[0])
     over_budget.sort(key=lambda plan: (plan.peak_memory, plan.step_time))
-    return PlanSearch([plan for _, plan in fitting], over_budget, skipped, space.memory_budget)
+    reasons = list(dict.fromkeys(skipped))  # a schedule the backend cannot run is skipped for every shape: once
+    return PlanSearch([plan for _, plan in fitting], over_budget, reasons, space.memory_budget)
 
 
 def _shapes(space: PlanSpace, num_layers: int, skipped: list[str]) -> list[tuple[int, int, int]]:
@@ -287,8 +288,7 @@ def _plan(
     boundaries = fastest_measured_split(ctx)
     fits = True
     if budget is not None:
-        stage_time = lambda stage, start, stop: costs.stage_time(start, stop, micro_batches)
-        boundaries = fastest_split_within(n, k, stage_time, memory, budget, fastest=boundaries)
+        boundaries = fastest_split_within(n, k, costs.stage_time(micro_batches), memory, budget, fastest=boundaries)
         if not boundaries:
             fits, boundaries = False, min_max_split(n, k, memory)[1]
     spans = list(zip(boundaries, boundaries[1:]))
