@@ -15,7 +15,8 @@ times steps (median over both passes) and memory. Compared per plan:
     python bench/bench_planner.py [--models alexnet] [--size 224] [--global-batch 64] [--memory-budget 3GiB]
     python bench/bench_planner.py --quick      # 64 px, global batch 16, 2 or 4 micro-batches: minutes, not an hour
 
-Writes bench/results/planner.{json,md} (``--name`` changes the name).
+Writes bench/results/planner.{json,md} and the raw measurements planner_raw.json (``--name`` changes the name);
+``--analyse-only`` writes the results again from the raw measurements.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from common import DEEPSPEED, ROOT, machine, run_configs, table, write_results
+from common import DEEPSPEED, RESULTS, ROOT, machine, run_configs, table, write_results
 
 from ds_pipe_ext.planner import Plan
 from ds_pipe_ext.planner.search import byte_size
@@ -50,6 +51,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="64 px, global batch 16, M in {2, 4}, 2 steps")
     parser.add_argument("--name", default="planner", help="results file name under bench/results")
     parser.add_argument("--port", type=int, default=29660)
+    parser.add_argument(
+        "--analyse-only", action="store_true", help="re-analyse the measurements of the last run (--name) only"
+    )
+    parser.add_argument("--note", default="", help="a line for the results, e.g. how busy the machine was")
     args = parser.parse_args()
     if args.quick:
         args.size, args.global_batch, args.micro_batches, args.steps = 64, 16, [2, 4], 2
@@ -205,21 +210,32 @@ def markdown(model: str, planned: dict, compared: list[dict], result: dict, args
 
 def main() -> None:
     args = parse_args()
+    raw = RESULTS / f"{args.name}_raw.json"
+    if args.analyse_only:
+        measured = json.loads(raw.read_text())
+        args = argparse.Namespace(**{**measured["args"], "note": args.note or measured["args"]["note"]})
+    else:
+        measured = {"args": vars(args), "models": {}}
+        with tempfile.TemporaryDirectory() as tmp:
+            for model in args.models:
+                planned = plan(model, args, Path(tmp) / f"{model}.json")
+                plans = [Plan.from_dict(entry) for entry in planned["plans"]]
+                measured["models"][model] = {"planned": planned, "rows": measure(model, plans, args)}
+                raw.write_text(json.dumps(measured))  # what was measured survives a failing analysis
     sections, data = [], {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for model in args.models:
-            planned = plan(model, args, Path(tmp) / f"{model}.json")
-            plans = [Plan.from_dict(entry) for entry in planned["plans"]]
-            compared = compare(plans, measure(model, plans, args))
-            result = summary(compared)
-            data[model] = {"planned": planned, "compared": compared, "summary": result}
-            sections.append(markdown(model, planned, compared, result, args))
+    for model, run in measured["models"].items():
+        plans = [Plan.from_dict(entry) for entry in run["planned"]["plans"]]
+        compared = compare(plans, run["rows"])
+        result = summary(compared)
+        data[model] = {"planned": run["planned"], "compared": compared, "summary": result}
+        sections.append(markdown(model, run["planned"], compared, result, args))
     header = (
         f"# The planner against measurement\n\n{', '.join(args.models)} at size {args.size}, global batch "
         f"{args.global_batch} on 2 CPU ranks; micro-batches {args.micro_batches}; {machine()}. The planner measured "
         f"in situ ({args.repeats} rounds); each plan trained {args.steps} timed steps after 1 warm-up, in two passes "
         "(planner's order, then reversed), median of all. Memory: predicted against the model's own terms measured "
         "exactly (stage parameters + gradients + optimizer state from the engine, + peak saved activations).\n"
+        + (f"\n**{args.note}**\n" if args.note else "")
     )
     write_results(args.name, {"args": vars(args), "models": data}, header + "\n" + "\n".join(sections))
 

@@ -104,6 +104,7 @@ class Plan:
             "global_batch": self.global_batch,
             "peak_memory": self.peak_memory,
             "samples_per_second": self.samples_per_second,
+            "partition_method": self.partition_method,
             "ds_config": self.ds_config(),
             "module_kwargs": self.module_kwargs(),
         }
