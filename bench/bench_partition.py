@@ -96,6 +96,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--no-imbalance", action="store_true", help="skip the ds-pipe plan imbalance table")
     parser.add_argument("--name", default="partition", help="results file name under bench/results")
+    parser.add_argument("--note", default="", help="a line for the results, e.g. how busy the machine was")
     args = parser.parse_args()
     base = {
         "model": "alexnet",
@@ -186,6 +187,7 @@ def main() -> None:
         f"{args.runs} runs in a row, each one job: methods, the 21 boundaries, then both again in reverse; "
         f"{args.steps} timed steps per row after 1 warm-up. A boundary's samples/s: the median over all timed steps "
         "of all rows that ran it in the job. `profile` measures in situ in every row that uses it.\n",
+        f"**{args.note}**\n" if args.note else "",
         "## profile, run after run\n",
         run_table,
         "## Scan: samples/s per boundary B (`manual:0,B,22`), best of each run in bold\n",

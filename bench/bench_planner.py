@@ -65,7 +65,7 @@ def plan(model: str, args: argparse.Namespace, out: Path) -> dict:
     """``ds-pipe plan --auto`` on 2 ranks under DeepSpeed's launcher: every plan that fits, as JSON."""
     cmd = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(args.port), "--no_local_rank", "--module"]
     cmd += ["ds_pipe_ext", "plan", "--auto", "--world", "2", "--global-batch", str(args.global_batch)]
-    cmd += ["--model", model, "--image-size", str(args.size), "--memory-budget", args.memory_budget]
+    cmd += ["--model", model, "--size", str(args.size), "--memory-budget", args.memory_budget]
     cmd += ["--repeats", str(args.repeats), "--micro-batches", *map(str, args.micro_batches), "--out", str(out)]
     cmd += ["--stages", *map(str, args.stages)] if args.stages else []
     cmd += ["--schedules", *args.schedules] if args.schedules else []

@@ -168,7 +168,14 @@ def _add_plan(sub) -> None:
         "--no_local_rank --module ds_pipe_ext plan ...) every rank measures at once, as in training.",
     )
     parser.add_argument("--model", choices=tuple(EXAMPLE_MODELS), default="alexnet")
-    parser.add_argument("--image-size", type=int, default=None, help="input size (default: the model's, 224 px)")
+    parser.add_argument(
+        "--size",
+        "--image-size",
+        dest="size",
+        type=int,
+        default=None,
+        help="the model's input size: image side in pixels, or sequence length (default: the model's)",
+    )
     parser.add_argument("--micro-batch", type=int, default=8, help="samples per micro-batch (not with --auto)")
     parser.add_argument(
         "--stages", type=int, nargs="+", default=None, help="pipeline stages (default 2; with --auto: all that fit)"
@@ -215,7 +222,7 @@ def _run_plan(args: argparse.Namespace) -> int:
 
     rank, world, device = _launched_ranks()
     example = example_model(args.model)
-    size = args.image_size or example.default_size
+    size = args.size or example.default_size
     budget = args.memory_budget or (None if args.memory_budget_mib is None else args.memory_budget_mib * 2**20)
     try:
         example.check_size(size)
@@ -228,6 +235,8 @@ def _run_plan(args: argparse.Namespace) -> int:
             repeats=args.repeats,
         )
         where = f"on {world} ranks at once (in situ)" if world > 1 else "in this one process"
+        if world == 1 and args.link_gbps is None:
+            where += " (transfers and all-reduces count as free: give --link-gbps, or launch on the ranks)"
         if args.auto:
             text = _plan_auto(args, example, size, template, world, where, write=rank == 0)
         else:
@@ -261,8 +270,7 @@ def _compare_methods(args: argparse.Namespace, example, size: int, template, whe
         return json.dumps({report.method: report.to_dict() for report in reports}, indent=1)
     lines = [
         f"{args.model} ({example.size_flag} {size}), micro-batch {args.micro_batch}, {micro_batches} micro-batches, "
-        f"{stages} stages, "
-        f"schedule {args.schedule}",
+        f"{stages} stages, schedule {args.schedule}",
         f"costs: measured {where}, median of {ctx.repeats} interleaved rounds; 'spread' is how far the middle half "
         "of the rounds lay apart on the least steady stage"
         if args.costs == "profile"
@@ -304,8 +312,7 @@ def _plan_auto(args: argparse.Namespace, example, size: int, template, world: in
     budget = "no memory budget" if space.memory_budget is None else f"{byte_size(space.memory_budget)} per rank"
     header = [
         f"{args.model} ({example.size_flag} {size}): global batch {space.global_batch} on {space.world_size} ranks, "
-        f"{budget}; "
-        f"{len(search.plans)} plans fit",
+        f"{budget}; {len(search.plans)} plans fit",
         f"costs: measured {where}, median of {template.repeats} interleaved rounds per micro-batch size; spread: how "
         "far the middle half of the rounds lay apart on the least steady stage",
     ]
