@@ -2,13 +2,15 @@
 
     deepspeed --num_gpus 2 bench/pipeline_bench.py --configs configs.json --out results.json
 
-Each configuration (a JSON object) names the model, image size, micro-batch, micro-batches per step, pipeline
-stages (0 = plain data parallel), partition method, schedule and whether to trace. Running them in one job, in
-the order given (the benchmark scripts interleave repeats), gives every row the same machine conditions.
-The data is a fixed set of in-memory micro-batches, so the numbers measure the pipeline, not the data loader.
-Per row: seconds per step (median of the timed steps), samples/s, per-rank peak saved-activation bytes,
-per-rank peak resident memory, stage boundaries, the partition report's predicted step time, and, when traced,
-the measured bubble.
+Each configuration (a JSON object) names the model (any of ``ds_pipe_ext.models.examples``), its size
+(``image_size``), micro-batch, micro-batches per step, pipeline stages (0 = plain data parallel), partition
+method, schedule and whether to trace. Running them in one job, in the order given (the benchmark scripts
+interleave repeats), gives every row the same machine conditions. The data is a fixed set of in-memory
+micro-batches, so the numbers measure the pipeline, not the data loader. Per row: seconds per step (median of
+the timed steps), samples/s, stage boundaries, the partition report's predicted step time, when traced the
+measured bubble, and per rank: its stage, peak resident memory, and the memory the planner's model counts,
+measured exactly: the stage's parameters, gradients and optimizer state (the engine's tensors) plus the peak
+bytes of activations saved for backward (:class:`~ds_pipe_ext.observe.memory.ActivationMemoryMeter`).
 """
 
 from __future__ import annotations
@@ -27,10 +29,11 @@ from deepspeed import comm as dist
 from deepspeed.accelerator import get_accelerator
 
 import ds_pipe_ext
-from ds_pipe_ext.models.vision import build_model, join_layers
+from ds_pipe_ext.models.examples import example_model
+from ds_pipe_ext.models.vision import build_model
 from ds_pipe_ext.observe.memory import ActivationMemoryMeter
 from ds_pipe_ext.observe.trace import bubble_report, load_trace
-from ds_pipe_ext.topology import make_topology
+from ds_pipe_ext.topology import make_topology, stage_of
 
 
 def reset_peak_rss() -> None:
@@ -66,14 +69,22 @@ def peak_rss_mb() -> float:
 
 def micro_batches(cfg: dict, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(cfg.get("seed", 0))
-    size = cfg["image_size"]
-    return [
-        (
-            torch.randn(cfg["micro_batch"], 3, size, size, generator=gen),
-            torch.randint(0, 10, (cfg["micro_batch"],), generator=gen),
-        )
-        for _ in range(count)
-    ]
+    example = example_model(cfg["model"])
+    return [example.make_batch(cfg["micro_batch"], cfg["image_size"], gen) for _ in range(count)]
+
+
+def state_bytes(engine) -> dict[str, int]:
+    """The bytes of this rank's parameters, their gradients (one per trainable parameter: DeepSpeed's fp32 engine
+    keeps them through the batch) and the optimizer's state tensors: what the memory model counts besides
+    activations."""
+    parameters = list(engine.module.parameters())
+    optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    state = [t for entry in optimizer.state.values() for t in entry.values() if torch.is_tensor(t)]
+    return {
+        "parameters": sum(p.numel() * p.element_size() for p in parameters),
+        "gradients": sum(p.numel() * p.element_size() for p in parameters if p.requires_grad),
+        "optimizer_state": sum(t.numel() * t.element_size() for t in state),
+    }
 
 
 def ds_config(cfg: dict, data_parallel: int) -> dict:
@@ -87,17 +98,17 @@ def ds_config(cfg: dict, data_parallel: int) -> dict:
 
 def run_pipeline(cfg: dict, world: int) -> dict:
     torch.manual_seed(0)
-    net = build_model(cfg["model"], dropout=0.0)
+    example = example_model(cfg["model"])
     topology = make_topology(world, cfg["stages"])
     data = micro_batches(cfg, cfg["micro_batches"])
     module = ds_pipe_ext.PipelineModule(
-        layers=join_layers(net),
-        loss_fn=torch.nn.CrossEntropyLoss(),
+        layers=example.build_layers(),
+        loss_fn=example.loss_fn(),
         topology=topology,
         partition_method=cfg["partition"],
         sample_input=lambda: data[0][0],
         micro_batches=cfg["micro_batches"],
-        schedule=cfg["schedule"] if cfg["schedule"] != "deepspeed" else "1f1b",
+        schedule=cfg["schedule"],
     )
 
     trace_dir = tempfile.mkdtemp(prefix="bench_trace_") if cfg.get("trace") else None
@@ -125,6 +136,8 @@ def run_pipeline(cfg: dict, world: int) -> dict:
         predicted_unit=module.partition_report.cost_unit,
         predicted_stage_costs=[stage.cost for stage in module.partition_report.stages],
         peak_activation_mb=meter.peak_bytes / 2**20,
+        stage=stage_of(topology, dist.get_rank()),
+        state_bytes=state_bytes(engine),
     )
     if trace_dir is not None:
         path = engine.save_trace()
@@ -157,7 +170,13 @@ def run_data_parallel(cfg: dict, world: int) -> dict:
                 engine.step()
 
     result = time_steps(cfg, step)
-    result.update(boundaries=None, predicted_step=None, peak_activation_mb=meter.peak_bytes / 2**20)
+    result.update(
+        boundaries=None,
+        predicted_step=None,
+        peak_activation_mb=meter.peak_bytes / 2**20,
+        stage=0,
+        state_bytes=state_bytes(engine),
+    )
     release(engine)
 
     return result
@@ -198,13 +217,13 @@ def main() -> None:
     for index, cfg in enumerate(configs):
         result = (run_pipeline if cfg["stages"] else run_data_parallel)(cfg, world)
         per_rank = [None] * world
-        dist.all_gather_object(per_rank, {k: result[k] for k in ("peak_activation_mb", "peak_rss_mb", "seconds")})
+        mine = {k: result.pop(k) for k in ("peak_activation_mb", "peak_rss_mb", "stage", "state_bytes")}
+        mine["seconds"] = result["seconds"]
+        mine["model_memory_mb"] = (sum(mine["state_bytes"].values()) / 2**20) + mine["peak_activation_mb"]
+        dist.all_gather_object(per_rank, mine)
         gc.collect()
         if dist.get_rank() == 0:
-            row = {**cfg, **result, "per_rank": per_rank}
-            row.pop("peak_activation_mb")
-            row.pop("peak_rss_mb")
-            rows.append(row)
+            rows.append({**cfg, **result, "per_rank": per_rank})
             print(
                 f"[{index + 1}/{len(configs)}] {cfg}: {result['seconds_per_step']:.3f} s/step, "
                 f"{result['samples_per_s']:.1f} samples/s",

@@ -142,14 +142,48 @@ def _run_trace(args: argparse.Namespace) -> int:
 _SUBCOMMANDS.append(_add_trace)
 
 
+def _byte_count(text: str) -> float:
+    """``6e9``, ``4GiB``, ``512MiB``, ``2GB``: a number of bytes."""
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12}
+    lowered = text.strip().lower()
+    unit = next((name for name in units if lowered.endswith(name)), None)
+    try:
+        value = float(lowered[: -len(unit)] if unit else lowered.removesuffix("b")) * (units[unit] if unit else 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected bytes such as 6e9, 4GiB or 512MiB; got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"a memory budget must be positive, got {text!r}")
+    return value
+
+
 def _add_plan(sub) -> None:
-    parser = sub.add_parser("plan", help="compare partition methods on an example model, without launching a job")
-    parser.add_argument("--model", choices=("alexnet", "vgg19"), default="alexnet")
-    parser.add_argument("--image-size", type=int, default=224, help="square input size in pixels")
-    parser.add_argument("--micro-batch", type=int, default=8, help="samples per micro-batch")
-    parser.add_argument("--stages", type=int, default=2, help="pipeline stages")
-    parser.add_argument("--micro-batches", type=int, default=8, help="micro-batches per step")
-    parser.add_argument("--schedule", default="1f1b", help="a registered schedule, or deepspeed")
+    from .models.examples import EXAMPLE_MODELS
+
+    parser = sub.add_parser(
+        "plan",
+        help="compare partition methods, or (--auto) rank whole plans for a world and a memory budget",
+        description="Without --auto: every partition method side by side for one pipeline. With --auto: every "
+        "pipeline size x micro-batch count x schedule x optimal partition for --world ranks and --global-batch, "
+        "ranked by predicted step time within --memory-budget. Under DeepSpeed's launcher (deepspeed --num_gpus N "
+        "--no_local_rank --module ds_pipe_ext plan ...) every rank measures at once, as in training.",
+    )
+    parser.add_argument("--model", choices=tuple(EXAMPLE_MODELS), default="alexnet")
+    parser.add_argument(
+        "--size",
+        "--image-size",
+        dest="size",
+        type=int,
+        default=None,
+        help="the model's input size: image side in pixels, or sequence length (default: the model's)",
+    )
+    parser.add_argument("--micro-batch", type=int, default=8, help="samples per micro-batch (not with --auto)")
+    parser.add_argument(
+        "--stages", type=int, nargs="+", default=None, help="pipeline stages (default 2; with --auto: all that fit)"
+    )
+    parser.add_argument(
+        "--micro-batches", type=int, nargs="+", default=None, help="micro-batches per step (default 8; --auto: all)"
+    )
+    parser.add_argument("--schedule", default="1f1b", help="a registered schedule, or deepspeed (not with --auto)")
     parser.add_argument(
         "--methods",
         nargs="+",
@@ -162,56 +196,158 @@ def _add_plan(sub) -> None:
         default="profile",
         help="what every method's stages are timed with: measured seconds (default) or counted FLOPs",
     )
-    parser.add_argument("--memory-budget-mib", type=float, default=None, help="per-device budget for 'memory'")
-    parser.add_argument("--link-gbps", type=float, default=None, help="link between stages in GB/s (default: free)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per layer when measuring")
+    parser.add_argument(
+        "--memory-budget", type=_byte_count, default=None, help="bytes per rank, e.g. 6e9 or 4GiB ('memory', --auto)"
+    )
+    parser.add_argument("--memory-budget-mib", type=float, default=None, help="the same in MiB")
+    parser.add_argument("--link-gbps", type=float, default=None, help="link between stages in GB/s (default: measured)")
+    parser.add_argument("--repeats", type=int, default=5, help="measuring rounds (their median is the cost)")
     parser.add_argument("--details", action="store_true", help="also print each method's per-stage report")
-    parser.add_argument("--json", action="store_true", help="print each method's boundaries and stage costs as JSON")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    auto = parser.add_argument_group("--auto: plan the whole run")
+    auto.add_argument("--auto", action="store_true", help="rank every plan for --world and --global-batch")
+    auto.add_argument("--world", type=int, default=None, help="ranks (default: the launched world)")
+    auto.add_argument("--global-batch", type=int, default=None, help="samples per step over all replicas")
+    auto.add_argument("--schedules", nargs="+", default=None, help="schedules to consider (default: all registered)")
+    auto.add_argument("--top", type=int, default=10, help="plans to list (0: all that fit)")
+    auto.add_argument("--out", default=None, help="also write the JSON result to this file")
     parser.set_defaults(handler=_run_plan)
 
 
 def _run_plan(args: argparse.Namespace) -> int:
-    import json
     import sys
 
-    from .models.vision import build_layers, check_image_size, sample_batch
-    from .partition import PartitionContext, compare_partitions, format_comparison
+    from .models.examples import example_model
+    from .partition import PartitionContext
 
+    rank, world, device = _launched_ranks()
+    example = example_model(args.model)
+    size = args.size or example.default_size
+    budget = args.memory_budget or (None if args.memory_budget_mib is None else args.memory_budget_mib * 2**20)
     try:
-        check_image_size(args.model, args.image_size)
-        ctx = PartitionContext(
-            layers=build_layers(args.model),
-            num_stages=args.stages,
-            sample_input=sample_batch(args.image_size, args.micro_batch),
-            micro_batches=args.micro_batches,
-            schedule=args.schedule,
-            memory_budget=None if args.memory_budget_mib is None else args.memory_budget_mib * 2**20,
-            seconds_per_byte=0.0 if args.link_gbps is None else 1 / (args.link_gbps * 1e9),
+        example.check_size(size)
+        template = PartitionContext(
+            layers=example.build_layers(),
+            num_stages=1,
+            device=device,
+            memory_budget=budget,
+            seconds_per_byte=None if args.link_gbps is None else 1 / (args.link_gbps * 1e9),
             repeats=args.repeats,
         )
-        reports = compare_partitions(ctx, args.methods, costs=args.costs)
+        where = f"on {world} ranks at once (in situ)" if world > 1 else "in this one process"
+        if world == 1 and args.link_gbps is None:
+            where += " (transfers and all-reduces count as free: give --link-gbps, or launch on the ranks)"
+        if args.auto:
+            text = _plan_auto(args, example, size, template, world, where, write=rank == 0)
+        else:
+            text = _compare_methods(args, example, size, template, where)
     except ValueError as error:
         print(f"ds-pipe plan: error: {error}", file=sys.stderr)
         return 2
-    if args.json:
-        print(json.dumps({report.method: report.to_dict() for report in reports}, indent=1))
-        return 0
-    print(
-        f"{args.model} at {args.image_size} px, micro-batch {args.micro_batch}, {args.micro_batches} micro-batches, "
-        f"{args.stages} stages, schedule {args.schedule}"
-    )
-    if args.costs == "profile":
-        print(
-            "costs: measured in this one process, layer by layer; in a real run every rank is busy at once, "
-            "so run the job with --partition profile for the split that fits it"
-        )
-    else:
-        print("costs: counted forward + backward FLOPs")
-    print(format_comparison(reports))
-    for report in reports if args.details else ():
-        print()
-        print(report.format())
+    finally:
+        _leave_launched_ranks(world)
+    if rank == 0:
+        print(text)
     return 0
+
+
+def _compare_methods(args: argparse.Namespace, example, size: int, template, where: str) -> str:
+    import json
+    from dataclasses import replace
+
+    from .partition import compare_partitions, format_comparison
+
+    stages, micro_batches = _one(args.stages, 2, "--stages"), _one(args.micro_batches, 8, "--micro-batches")
+    ctx = replace(
+        template,
+        num_stages=stages,
+        sample_input=example.sample_input(args.micro_batch, size),
+        micro_batches=micro_batches,
+        schedule=args.schedule,
+    )
+    reports = compare_partitions(ctx, args.methods, costs=args.costs)
+    if args.json:
+        return json.dumps({report.method: report.to_dict() for report in reports}, indent=1)
+    lines = [
+        f"{args.model} ({example.size_flag} {size}), micro-batch {args.micro_batch}, {micro_batches} micro-batches, "
+        f"{stages} stages, schedule {args.schedule}",
+        f"costs: measured {where}, median of {ctx.repeats} interleaved rounds; 'spread' is how far the middle half "
+        "of the rounds lay apart on the least steady stage"
+        if args.costs == "profile"
+        else "costs: counted forward + backward FLOPs",
+        format_comparison(reports),
+    ]
+    lines += [f"\n{report.format()}" for report in reports] if args.details else []
+    return "\n".join(lines)
+
+
+def _plan_auto(args: argparse.Namespace, example, size: int, template, world: int, where: str, write: bool) -> str:
+    from dataclasses import replace
+    from pathlib import Path
+
+    from .planner import PlanSpace, search_plans
+    from .planner.report import format_plans
+    from .planner.search import byte_size
+    from .schedules import AUTO_SCHEDULE
+
+    if args.global_batch is None:
+        raise ValueError("--auto needs --global-batch B, the samples per step over all replicas")
+    space = PlanSpace(
+        world_size=args.world or world,
+        global_batch=args.global_batch,
+        memory_budget=template.memory_budget,
+        stages=args.stages,
+        micro_batches=args.micro_batches,
+        schedules=args.schedules,
+    )
+    search = search_plans(
+        replace(template, schedule=AUTO_SCHEDULE), space, lambda micro_batch: example.sample_input(micro_batch, size)
+    )
+    if args.out and write:
+        Path(args.out).write_text(search.to_json())
+    search.best()  # no plan fits: the error names the smallest budget that does
+    if args.json:
+        return search.to_json()
+    budget = "no memory budget" if space.memory_budget is None else f"{byte_size(space.memory_budget)} per rank"
+    header = [
+        f"{args.model} ({example.size_flag} {size}): global batch {space.global_batch} on {space.world_size} ranks, "
+        f"{budget}; {len(search.plans)} plans fit",
+        f"costs: measured {where}, median of {template.repeats} interleaved rounds per micro-batch size; spread: how "
+        "far the middle half of the rounds lay apart on the least steady stage",
+    ]
+    command = lambda plan: example.command(plan.world_size, size, plan.script_flags())
+    return "\n".join([*header, format_plans(search, args.top, command)])
+
+
+def _one(values: list[int] | None, default: int, flag: str) -> int:
+    if values is None:
+        return default
+    if len(values) != 1:
+        raise ValueError(f"{flag} takes one number without --auto, got {values}")
+    return values[0]
+
+
+def _launched_ranks() -> tuple[int, int, str]:
+    """(rank, world size, device) of this process: under DeepSpeed's launcher the process group is joined, so
+    that every rank measures at once, as in training; else rank 0 of 1, on the CPU."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world < 2:
+        return 0, 1, "cpu"
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    deepspeed.init_distributed()
+    return int(os.environ["RANK"]), world, get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _leave_launched_ranks(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 _SUBCOMMANDS.append(_add_plan)

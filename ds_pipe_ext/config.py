@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from .compat import load_ds_config
-from .schedules.registry import DEFAULT_SCHEDULE, schedule_name
+from .schedules.registry import AUTO_SCHEDULE, DEFAULT_SCHEDULE, schedule_name
 
 __all__ = ["gradient_accumulation_steps", "load_config", "resolve_schedule"]
 
@@ -31,8 +31,13 @@ def resolve_schedule(schedule: str | None, config: dict, module: Any = None, def
     """The schedule the run uses: whichever of ``schedule``, ``config["pipeline"]["schedule"]`` and the module's
     ``schedule`` is given (they must name the same one), else ``default``; checked against the registry.
 
+    ``"auto"`` names the planner's choice: a ``ds_pipe_ext.PipelineModule`` built with ``schedule="auto"`` and
+    ``partition_method="auto"`` chose one when it partitioned, and ``"auto"`` anywhere resolves to that choice.
+    Without a module yet (a script checking its arguments) ``"auto"`` stays ``"auto"``, for the module to choose.
+
     A ``ds_pipe_ext.PipelineModule`` whose partition depended on the schedule (``memory`` counts the micro-batches
-    it keeps in flight) and was not told one planned for the default: a run with another schedule is refused.
+    it keeps in flight, ``auto`` times them) and was not told one planned for the default: a run with another
+    schedule is refused.
     """
     named = {
         where: schedule_name(value)
@@ -43,6 +48,14 @@ def resolve_schedule(schedule: str | None, config: dict, module: Any = None, def
         )
         if value
     }
+    if AUTO_SCHEDULE in named.values() and module is not None:
+        chosen = getattr(module, "schedule", None)
+        if chosen in (None, AUTO_SCHEDULE):
+            raise ValueError(
+                "schedule 'auto' is the plan a ds_pipe_ext.PipelineModule makes when it partitions: build the module "
+                "with schedule='auto' and partition_method='auto' (or name a registered schedule)"
+            )
+        named = {where: chosen if name == AUTO_SCHEDULE else name for where, name in named.items()}
     (first_where, name), *others = named.items() or [("the default", default)]
     for where, other in others:
         if other != name:

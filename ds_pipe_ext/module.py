@@ -19,7 +19,8 @@ from deepspeed.accelerator import get_accelerator
 from deepspeed.utils import logger
 
 from .partition import PartitionContext, SampleInput, get_partition_method, partition_report
-from .schedules import Layout, get_schedule, schedule_name
+from .planner import auto  # noqa: F401  (registers partition_method="auto")
+from .schedules import AUTO_SCHEDULE, Layout, get_schedule, schedule_name
 
 _DEEPSPEED_INIT = inspect.signature(deepspeed.pipe.PipelineModule.__init__)
 
@@ -38,8 +39,11 @@ class PipelineModule(deepspeed.pipe.PipelineModule):
             flight) and ``profile`` (the optimizer step's share per micro-batch).
         schedule: the schedule the engine will run (a registered name, ``"deepspeed"`` included), for the
             activations in flight and the predicted step time; default: none named, planned as 1F1B.
-            :func:`ds_pipe_ext.initialize` refuses a run whose schedule disagrees with it.
-        memory_budget: bytes per device; ``memory`` then picks the fastest split that fits.
+            :func:`ds_pipe_ext.initialize` refuses a run whose schedule disagrees with it. ``"auto"`` (with
+            ``partition_method="auto"``): the planner chooses it with the partition; ``self.schedule`` is then
+            the choice and ``self.plan`` the plan, and ``initialize`` runs it.
+        memory_budget: bytes per device; ``memory`` then picks the split that fits with the fewest FLOPs on
+            the slowest stage, ``auto`` the fastest measured plan that fits.
         profile_cache: a JSON file where ``profile`` keeps its measurements, so restarts agree and skip measuring.
         virtual_stages: model chunks per pipeline rank (virtual stages): the partition cuts ranks x virtual_stages
             stages, placed as the schedule needs them (loop: rank r holds stages r, r + K, ...; v: r and 2K-1-r),
@@ -80,9 +84,12 @@ class PipelineModule(deepspeed.pipe.PipelineModule):
         spec = get_partition_method(arguments["partition_method"])
         if num_stages is not None:  # else DeepSpeed raises its own error before any collective
             spec.check(self._partition_context)
-        #: The schedule named here, if any; and the one the partition planned for when it depended on one unnamed.
+        #: The schedule named here (after partitioning, the plan's choice for "auto"), if any; and the one the
+        #: partition planned for when it depended on one unnamed.
         self.schedule = self._partition_context.schedule
         self.partition_schedule: str | None = None
+        #: The planner's plan, for partition_method="auto".
+        self.plan = None
         super().__init__(*bound.args[1:], **bound.kwargs)
         self._mark_stage_parameters()
 
@@ -117,11 +124,16 @@ class PipelineModule(deepspeed.pipe.PipelineModule):
             layers=self._layer_specs,
             num_stages=self.num_stages * self.virtual_stages,
             device=get_accelerator().device_name(self.local_rank),
+            data_parallel_size=self._topo.get_dim("data"),
         )
         if self.global_rank == 0:
             logger.info(f"Partitioning pipeline stages with method {spec}")
         self.parts = spec(ctx)
-        if ctx.depends_on_schedule and ctx.schedule is None:
+        self.plan = ctx.chosen_plan
+        if ctx.schedule == AUTO_SCHEDULE:
+            self.schedule = ctx.chosen_schedule
+            ctx = ctx.variant(schedule=self.schedule)
+        elif ctx.schedule is None and (ctx.depends_on_schedule or ctx.chosen_schedule is not None):
             self.partition_schedule = ctx.schedule_name
         self._check_ranks_agree()
         self.partition_report = partition_report(ctx, self.parts, method=str(spec))
@@ -188,7 +200,7 @@ def _placement(schedule: str | None, virtual_stages: int) -> str:
         raise ValueError(
             f"virtual_stages must be a whole number of chunks per rank, at least 1, got {virtual_stages!r}"
         )
-    schedule_cls = get_schedule(schedule) if schedule else None
+    schedule_cls = get_schedule(schedule) if schedule and schedule.lower() != AUTO_SCHEDULE else None
     needed = getattr(schedule_cls, "chunks", 1)
     if virtual_stages > 1 and needed == 1:
         named = f"schedule {schedule!r} runs one chunk per rank" if schedule else "no schedule is named"

@@ -13,7 +13,8 @@ from deepspeed.runtime.pipe.topology import PipeDataParallelTopology, PipeModelD
 _AXIS_WORDS = {"pipe": "stage", "data": "replica", "model": "slice"}
 
 
-def _divisors(n: int) -> list[int]:
+def divisors(n: int) -> list[int]:
+    """Every size that splits ``n`` ranks (or samples) evenly, smallest first."""
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
@@ -36,7 +37,7 @@ def make_topology(world_size: int, pipe: int, data: int | None = None, model: in
     if world_size % model:
         raise ValueError(
             f"model size {model} does not divide world size {world_size}; "
-            f"valid model sizes for world size {world_size}: {_listed(_divisors(world_size))}"
+            f"valid model sizes for world size {world_size}: {_listed(divisors(world_size))}"
         )
     pipe_x_data = world_size // model
     if pipe_x_data % pipe:
@@ -44,7 +45,7 @@ def make_topology(world_size: int, pipe: int, data: int | None = None, model: in
         divides = f"world size {world_size}" if model == 1 else f"world size {world_size} / model size {model}"
         raise ValueError(
             f"pipeline size {pipe} does not divide {divides}; "
-            f"valid pipeline sizes for world size {world_size}{given_model}: {_listed(_divisors(pipe_x_data))}"
+            f"valid pipeline sizes for world size {world_size}{given_model}: {_listed(divisors(pipe_x_data))}"
         )
     fitting_data = pipe_x_data // pipe
     if data is None:

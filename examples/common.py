@@ -50,6 +50,7 @@ from ds_pipe_ext.checkpoint import (
 from ds_pipe_ext.config import gradient_accumulation_steps, load_config, resolve_schedule
 from ds_pipe_ext.observe.trace import bubble_report, load_trace
 from ds_pipe_ext.partition import PartitionContext, get_partition_method
+from ds_pipe_ext.planner import auto  # noqa: F401  (registers --partition auto)
 from ds_pipe_ext.topology import describe, make_topology
 from ds_pipe_ext.watchdog import PeerWatchdog
 
@@ -96,13 +97,15 @@ def argument_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument(
         "--partition",
         default="parameters",
-        help="partition method: DeepSpeed's (parameters, uniform, type:REGEX) or a ds_pipe_ext one",
+        help="partition method: DeepSpeed's (parameters, uniform, type:REGEX) or a ds_pipe_ext one (auto: the "
+        "planner's fastest plan for these stages and micro-batches, with --schedule auto the schedule too)",
     )
     parser.add_argument(
         "--schedule",
         default=None,
-        help="pipeline schedule: a registered name (1f1b, gpipe, ...) or 'deepspeed' for "
-        "DeepSpeed's untouched engine (default: the config's pipeline.schedule, else 1f1b)",
+        help="pipeline schedule: a registered name (1f1b, gpipe, ...), 'deepspeed' for "
+        "DeepSpeed's untouched engine, or 'auto' with --partition auto (default: the config's pipeline.schedule, "
+        "else 1f1b)",
     )
     parser.add_argument("--log-json", default=None, help="rank 0 writes the run's settings and per-step losses here")
     parser.add_argument(
@@ -280,6 +283,7 @@ def train_pipe(args: argparse.Namespace, plan: RunPlan, log: dict) -> None:
         **plan.example.pipeline_options,
     )
     log["stage_boundaries"] = list(module.parts)
+    log["schedule"] = module.schedule  # with --schedule auto, the planner's choice
     trainset = build_data(plan)
     engine, _, _, _ = ds_pipe_ext.initialize(
         args=args,

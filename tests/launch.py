@@ -35,11 +35,13 @@ def remove_shm_buffers(port: int) -> None:
         path.unlink(missing_ok=True)
 
 
-def launch(script: Path, args: list[str], ranks: int, timeout: float = 600) -> subprocess.CompletedProcess:
-    """``deepspeed --num_gpus RANKS script args`` with one CPU thread per rank; output captured."""
+def launch(
+    script: Path, args: list[str], ranks: int, timeout: float = 600, launcher_args: list[str] = ()
+) -> subprocess.CompletedProcess:
+    """``deepspeed --num_gpus RANKS [launcher_args] script args`` with one CPU thread per rank; output captured."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
     port = free_port()
-    cmd = [str(DEEPSPEED), "--num_gpus", str(ranks), "--master_port", str(port), str(script), *args]
+    cmd = [str(DEEPSPEED), "--num_gpus", str(ranks), "--master_port", str(port), *launcher_args, str(script), *args]
     try:
         with subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=PIPE, stderr=PIPE, text=True) as launcher:
             try:

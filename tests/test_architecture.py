@@ -15,8 +15,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "ds_pipe_ext"
 ROOMS = [
     {"compat", "schedules"},
     {"observe"},
-    {"partition", "config", "topology", "watchdog", "checkpoint", "models"},
-    {"module"},
+    {"partition", "topology", "watchdog", "checkpoint", "models"},
+    {"planner"},
+    {"config", "module"},
     {"engine"},
     {"cli", "__main__"},
 ]

@@ -29,6 +29,7 @@ def sample() -> torch.Tensor:
 
 
 METHODS = ["uniform", "parameters", "type:linear", "type:conv:2|linear:1", "manual:0,7", "flops", "memory", "profile"]
+METHODS += ["auto"]
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -480,8 +480,9 @@ def test_measured_costs_are_real_and_leave_the_model_alone(single_rank_group):
     assert all(f > 0 for f in costs.forward)
     assert [s > 0 for s in costs.step] == has_parameters
     assert costs.cut == [0.0] * len(layers)  # one process: nothing to send
+    assert len(costs.rounds) == 2 and costs.backward_input is None  # 1f1b: the backward is not split
     shared = get_partition_method("profile")(ctx)
-    assert shared == balance(ctx.measured_costs().totals(), 2)
+    assert shared == balance(ctx.measured_costs().per_micro_batch(4), 2)
 
 
 # ---- report -------------------------------------------------------------------------------------------------------

@@ -214,6 +214,13 @@ BAD_COMMAND_LINES = {
         "unknown partition method 'sizes'; registered: uniform, parameters",
     ),
     "unknown schedule": (2, ["--schedule", "zigzag"], 32, "unknown schedule 'zigzag'; registered: .*1f1b"),
+    "auto schedule, fixed partition": (
+        2,
+        ["--schedule", "auto", "--partition", "uniform"],
+        32,
+        "schedule 'auto' is chosen together with the partition, which 'uniform' does not do: use "
+        "partition_method='auto'",
+    ),
     "manual, too few cuts": (2, ["--partition", "manual:0,22"], 32, "gives 1 stage.* give 3 boundaries from 0 to 22"),
     "manual, empty stage": (3, ["-p", "3", "--partition", "manual:0,9,9,22"], 32, "9 is followed by 9"),
     "manual, past the end": (2, ["--partition", "manual:0,9,30"], 32, "must end at 22"),

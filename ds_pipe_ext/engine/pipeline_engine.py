@@ -34,7 +34,7 @@ from deepspeed.runtime.pipe.engine import PipelineEngine
 from .. import compat
 from ..observe.simulation import ScheduleError, validate
 from ..schedules import BackwardInputPass, BackwardWeightPass
-from ..schedules.instructions import RECEIVES, SENDS, transfer_runs
+from ..schedules.instructions import RECEIVES, SENDS, transfer_runs, uses_split_backward
 from ..schedules.layout import Layout
 from .channels import Channels, Shapes
 from .split_backward import backward_input, backward_weight, check_engine_can_split
@@ -102,8 +102,7 @@ class SchedulePipelineEngine(PipelineEngine):
         for key in ("losses", "grads", "pending_weight_grads"):
             self.pipe_buffers[key] = [None] * self.num_pipe_buffers
         self._check_layout()
-        split = (BackwardInputPass, BackwardWeightPass)
-        if any(isinstance(cmd, split) for step in self._schedule() for cmd in step):
+        if uses_split_backward(self._schedule()):
             check_engine_can_split(self)  # once, on every rank, before the first batch
         self._check_transport()
         if self._posts_own_transfers():  # creating process groups is a collective: every rank does it here

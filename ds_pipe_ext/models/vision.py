@@ -56,3 +56,11 @@ def check_image_size(name: str, image_size: int) -> None:
 def sample_batch(image_size: int, micro_batch: int, channels: int = 3) -> torch.Tensor:
     """A micro-batch of the shape the first stage receives, for shape-based partition methods."""
     return torch.zeros(micro_batch, channels, image_size, image_size)
+
+
+def labelled_batch(
+    image_size: int, micro_batch: int, generator: torch.Generator | None = None, classes: int = 10
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random images and labels of one micro-batch, for benchmarks that measure the pipeline, not the data."""
+    images = torch.randn(micro_batch, 3, image_size, image_size, generator=generator)
+    return images, torch.randint(0, classes, (micro_batch,), generator=generator)

@@ -4,9 +4,10 @@ Counting runs every layer once on the ``meta`` device: PyTorch's own ``FlopCount
 ``saved_tensors_hooks`` see what autograd keeps for the backward pass, without computing or allocating anything.
 
 Measuring runs every layer on the device its stage will use, forward and backward on a real micro-batch, on all
-ranks at once (so the ranks contend for cores and memory bandwidth as they will in training), adds the optimizer
-step and the cost of sending the layer's output, and then averages the ranks' numbers so that every rank computes
-the same partition from the same costs. A JSON cache keeps the result across restarts.
+ranks at once (so the ranks contend for cores and memory bandwidth as they will in training), in interleaved
+rounds whose per-layer median is the cost; it adds the optimizer step and what sending the layer's output costs on
+the measured link, and then averages the ranks' numbers so that every rank computes the same partition from the
+same costs. A JSON cache keeps the result across restarts.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ import copy
 import hashlib
 import itertools
 import json
+import math
 import os
 import statistics
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from functools import cached_property, partial
 from typing import Any, Protocol
 
@@ -38,29 +40,64 @@ class CostInputs(Protocol):
 
     layers: Sequence[Any]
     device: str | torch.device
-    micro_batches: int | None
     repeats: int
     seconds_per_byte: float | None
     cache_path: str | os.PathLike | None
     measure: Callable[[Any], LayerCosts] | None
 
+    @property
+    def split_backward(self) -> bool: ...
+
     def sample(self) -> Any: ...
 
-    def require(self, name: str, needed_by: str) -> Any: ...
+
+#: Bump when what a measurement means changes, so that older cache entries are measured again.
+_COSTS_VERSION = 2
+#: Sizes (bytes) of the tensors the link is timed with: a small and a large one, for latency and bandwidth.
+_LINK_PROBE_BYTES = (64 << 10, 4 << 20)
 
 
-#: Bytes of the tensor a link measurement sends.
-_PROBE_BYTES = 4 << 20
+@dataclass(frozen=True)
+class LinkCosts:
+    """What moving tensors between ranks costs, as latency + bytes x seconds per byte: one transfer to a neighbouring
+    stage (``send_``), and one all-reduce over ``allreduce_ranks`` ranks (``allreduce_``; 1: not measured)."""
+
+    send_latency: float = 0.0
+    send_per_byte: float = 0.0
+    allreduce_latency: float = 0.0
+    allreduce_per_byte: float = 0.0
+    allreduce_ranks: int = 1
+
+    def send(self, nbytes: float) -> float:
+        """Seconds of one transfer of ``nbytes`` to a neighbouring stage (nothing sent: free)."""
+        return self.send_latency + nbytes * self.send_per_byte if nbytes else 0.0
+
+    def allreduce(self, nbytes: float, ranks: int) -> float:
+        """Seconds of an all-reduce of ``nbytes`` over ``ranks`` data-parallel replicas. A ring all-reduce moves
+        2(r-1)/r of the bytes through every rank, so the measured group's cost is scaled by that factor; without a
+        measured all-reduce, the send link stands in, in 2(r-1) steps."""
+        if ranks < 2 or not nbytes:
+            return 0.0
+        if self.allreduce_ranks < 2:
+            return 2 * (ranks - 1) * self.send_latency + _ring_share(ranks) * nbytes * self.send_per_byte
+        scale = _ring_share(ranks) / _ring_share(self.allreduce_ranks)
+        return self.allreduce_latency + scale * nbytes * self.allreduce_per_byte
+
+
+def _ring_share(ranks: int) -> float:
+    return 2 * (ranks - 1) / ranks
 
 
 @dataclass(frozen=True)
 class LayerCosts:
-    """Per-layer cost of one micro-batch, in ``unit`` (seconds when measured, FLOPs when counted).
+    """Per-layer cost, in ``unit`` (seconds when measured, FLOPs when counted).
 
-    ``step`` is the layer's share of the optimizer step per micro-batch: the step runs once per ``M`` micro-batches,
-    so its time is divided by ``M`` to add up with the per-micro-batch forward and backward. ``cut[i]`` is one
-    transfer of layer ``i``'s output (or of its gradient) to a neighbouring stage; it is paid only where a stage
-    boundary falls after layer ``i``, by both stages, once forward and once backward.
+    ``forward`` and ``backward`` are one micro-batch's passes; ``backward_input`` and ``backward_weight`` (measured
+    when a schedule splits the backward) its two halves. ``step`` is the layer's optimizer step, which runs once per
+    batch. ``cut[i]`` is one transfer of layer ``i``'s output (or of its gradient) to a neighbouring stage; it is
+    paid only where a stage boundary falls after layer ``i``, by both stages, once forward and once backward.
+    ``rounds`` keeps, per measuring round, every layer's forward + backward, for the spread of the measurement;
+    ``link`` is what the transfers and the gradient all-reduce were costed with.
     """
 
     forward: list[float]
@@ -68,15 +105,46 @@ class LayerCosts:
     step: list[float]
     cut: list[float]
     unit: str
+    backward_input: list[float] | None = None
+    backward_weight: list[float] | None = None
+    rounds: list[list[float]] | None = None
+    link: LinkCosts = field(default_factory=LinkCosts)
 
-    def totals(self) -> list[float]:
-        """Forward + backward + optimizer share per layer: what a stage spends per micro-batch, cuts aside."""
-        return [f + b + s for f, b, s in zip(self.forward, self.backward, self.step)]
+    def per_micro_batch(self, micro_batches: int) -> list[float]:
+        """Forward + backward + the optimizer step's share per layer: what a stage spends per micro-batch when a
+        batch has ``micro_batches`` of them, cuts aside."""
+        return [f + b + s / micro_batches for f, b, s in zip(self.forward, self.backward, self.step)]
+
+    def stage_time(self, micro_batches: int) -> Callable[[int, int, int], float]:
+        """``seconds(stage, start, stop)``: what a stage of layers ``start..stop-1`` costs per micro-batch, its
+        layers plus two transfers at each end that is a cut (what the partition solvers balance). Prefix sums, so
+        that a solver may call it for every candidate stage."""
+        n, prefix = len(self.forward), list(itertools.accumulate(self.per_micro_batch(micro_batches), initial=0.0))
+
+        def seconds(stage: int, start: int, stop: int) -> float:
+            cuts = (self.cut[start - 1] if start > 0 else 0) + (self.cut[stop - 1] if stop < n else 0)
+            return prefix[stop] - prefix[start] + 2 * cuts
+
+        return seconds
+
+    def spread(self, start: int, stop: int) -> float | None:
+        """How much the stage's measured forward + backward varied between rounds: the interquartile range over the
+        median (0.05: the middle half of the rounds lay within 5% of each other). ``None`` without rounds."""
+        if not self.rounds or len(self.rounds) < 2:
+            return None
+        sums = [sum(times[start:stop]) for times in self.rounds]
+        low, middle, high = statistics.quantiles(sums, n=4, method="inclusive")
+        return (high - low) / middle if middle > 0 else 0.0
 
     @classmethod
     def counted(cls, forward: Sequence[float], backward: Sequence[float], unit: str) -> LayerCosts:
         zeros = [0.0] * len(forward)
         return cls(list(forward), list(backward), zeros, zeros, unit)
+
+    @classmethod
+    def from_dict(cls, entry: dict[str, Any]) -> LayerCosts:
+        """The inverse of ``dataclasses.asdict``, as the cache stores it."""
+        return cls(**{**entry, "link": LinkCosts(**entry.get("link", {}))})
 
 
 @dataclass(frozen=True)
@@ -185,41 +253,56 @@ def _count_on_meta(
 
 
 def measure_layer_costs(ctx: CostInputs) -> LayerCosts:
-    """Seconds per micro-batch of every layer on ``ctx.device``, as this rank sees them (no averaging).
+    """Seconds of every layer on ``ctx.device``, as this rank sees them (no averaging across ranks).
 
-    Each layer runs forward and backward ``ctx.repeats`` times after one warm-up, on a copy (the user's modules
-    keep their weights), with its gradients accumulating as under gradient accumulation; its optimizer step is a
-    ``torch.optim.Adam`` step over its parameters; ``cut`` is its output's bytes times the link's seconds per byte
-    (``ctx.seconds_per_byte``, or measured with a broadcast between the ranks; 0 in a single process). Ranks start
-    each layer together, so they compete for the machine as they will in training.
+    After a warm-up pass, ``ctx.repeats`` rounds each time every layer once: its forward, its backward (and, when
+    ``ctx.split_backward``, the input and weight halves) and a ``torch.optim.Adam`` step, on a copy (the user's
+    modules keep their weights), with gradients accumulating as under gradient accumulation. Rounds alternate
+    between forward and reverse layer order, a disturbance (another process, a clock change) so lands on one round
+    of many layers rather than on every timing of one layer, and the per-layer median over rounds discards it: the
+    layers' relative costs, which decide the cut, stay put from run to run. Ranks take turns in opposite orders and
+    start each turn together: while one times a front layer another times a back one, as pipeline stages run
+    different layers at once (timing the same layer on every rank would make memory-bound layers contend with
+    themselves). ``cut`` is the layer's output sent over the link (``ctx.seconds_per_byte``, else measured between
+    the ranks, :func:`measure_link`; free in a single process).
     """
     device = torch.device(ctx.device)
-    micro_batches = ctx.require("micro_batches", "partition method 'profile'")
-    per_byte = ctx.seconds_per_byte if ctx.seconds_per_byte is not None else _link_seconds_per_byte(device)
-    costs: dict[str, list[float]] = {"forward": [], "backward": [], "step": [], "cut": []}
-    x = _map_tensors(ctx.sample(), lambda t: t.detach().to(device))
-    tied: dict[str, nn.Module] = {}
+    link = LinkCosts(send_per_byte=ctx.seconds_per_byte) if ctx.seconds_per_byte is not None else measure_link(device)
+    repeats = max(1, ctx.repeats)
+    rank = dist.get_rank() if _distributed() else 0
     with _rng_preserved(device):
-        for index, layer in enumerate(ctx.layers):
-            fn, parameters = _on_device(layer, device, tied)
-            if _distributed():
-                dist.barrier()
-            forward, backward, out = _time_forward_backward(fn, x, parameters, index > 0, ctx.repeats, device)
-            costs["forward"].append(forward)
-            costs["backward"].append(backward)
-            costs["step"].append(_time_optimizer_step(parameters, ctx.repeats, device) / micro_batches)
-            costs["cut"].append(sum(t.numel() * t.element_size() for t in _tensors(out)) * per_byte)
-            x = _map_tensors(out, torch.Tensor.detach)
-    return LayerCosts(**costs, unit="s")
+        probes = _layer_probes(ctx.layers, ctx.sample(), device)
+        timings: list[list[dict[str, float]]] = [[{} for _ in probes] for _ in range(repeats)]
+        for round_index in range(repeats):
+            forward_order = (round_index + rank) % 2 == 0
+            for index in range(len(probes)) if forward_order else reversed(range(len(probes))):
+                if _distributed():
+                    dist.barrier()
+                timings[round_index][index] = probes[index].time(ctx.split_backward)
+
+    def median(kind: str) -> list[float]:
+        return [statistics.median(rounds[index][kind] for rounds in timings) for index in range(len(probes))]
+
+    return LayerCosts(
+        forward=median("forward"),
+        backward=median("backward"),
+        step=median("step"),
+        cut=[link.send(probe.output_bytes) for probe in probes],
+        unit="s",
+        backward_input=median("backward_input") if ctx.split_backward else None,
+        backward_weight=median("backward_weight") if ctx.split_backward else None,
+        rounds=[[layer["forward"] + layer["backward"] for layer in rounds] for rounds in timings],
+        link=link,
+    )
 
 
 def shared_layer_costs(ctx: CostInputs) -> LayerCosts:
     """Measured layer costs that every rank agrees on, bit for bit: each rank measures (``ctx.measure``, default
     :func:`measure_layer_costs`), the ranks average, and rank 0's result is broadcast.
 
-    With ``ctx.cache_path``, a cache entry for this layer list, sample shape, device type, world size and number of
-    micro-batches is used instead of measuring, but only if every rank finds it (else all measure: no rank waits
-    on another); rank 0 writes the result. Collective: call it on every rank or on none.
+    With ``ctx.cache_path``, a cache entry for this layer list, sample shape, device type and world size is used
+    instead of measuring, but only if every rank finds it (else all measure: no rank waits on another); rank 0
+    writes the result. Collective: call it on every rank or on none.
     """
     device = torch.device(ctx.device)
     key = fingerprint(ctx)
@@ -236,11 +319,12 @@ def fingerprint(ctx: CostInputs) -> str:
     """What measured costs depend on, hashed: the cache key."""
     world_size = dist.get_world_size() if _distributed() else 1
     description = {
+        "version": _COSTS_VERSION,
         "layers": [_describe(layer) for layer in ctx.layers],
         "sample": [[list(t.shape), str(t.dtype)] for t in _tensors(ctx.sample())],
         "device": torch.device(ctx.device).type,
         "world_size": world_size,
-        "micro_batches": ctx.micro_batches,
+        "split_backward": ctx.split_backward,
         "seconds_per_byte": ctx.seconds_per_byte,
     }
     return hashlib.sha256(json.dumps(description).encode()).hexdigest()[:20]
@@ -266,7 +350,7 @@ def _read_cache(path: str | os.PathLike, key: str, num_layers: int) -> LayerCost
     if not entry:
         return None
     try:
-        costs = LayerCosts(**entry)
+        costs = LayerCosts.from_dict(entry)
     except TypeError:
         return None
     return costs if len(costs.forward) == num_layers else None
@@ -300,79 +384,161 @@ def _agree(costs: LayerCosts, device: torch.device, average: bool) -> LayerCosts
     """The ranks' mean (or rank 0's values), identical on every rank whatever order the backend reduces in."""
     if not _distributed():
         return costs
-    fields = ("forward", "backward", "step", "cut")
-    vector = torch.tensor([v for name in fields for v in getattr(costs, name)], dtype=torch.float64, device=device)
-    if average:
-        dist.all_reduce(vector)
-        vector /= dist.get_world_size()
-    dist.broadcast(vector, src=0)
-    values = vector.tolist()
-    n = len(costs.forward)
-    return LayerCosts(*(values[i * n : (i + 1) * n] for i in range(len(fields))), unit=costs.unit)
+
+    def agreed(values: Sequence[float] | None) -> list[float] | None:
+        if values is None:
+            return None
+        vector = torch.tensor(list(values), dtype=torch.float64, device=device)
+        if average:
+            dist.all_reduce(vector)
+            vector /= dist.get_world_size()
+        dist.broadcast(vector, src=0)
+        return vector.tolist()
+
+    per_layer = [f.name for f in fields(costs) if f.name not in ("unit", "rounds", "link")]
+    numbers = {name: agreed(getattr(costs, name)) for name in per_layer}
+    link = agreed([getattr(costs.link, f.name) for f in fields(LinkCosts)])
+    return LayerCosts(
+        **numbers,
+        unit=costs.unit,
+        rounds=[agreed(times) for times in costs.rounds] if costs.rounds else None,
+        link=LinkCosts(*link[:-1], allreduce_ranks=round(link[-1])),
+    )
 
 
-def _link_seconds_per_byte(device: torch.device) -> float:
-    """A broadcast from rank 0 timed on every rank; 0 when there is no other rank to send to."""
+def measure_link(device: torch.device, repeats: int = 5) -> LinkCosts:
+    """The link between the ranks, as every rank will use it, timed on all of them at once (collective).
+
+    A transfer between pipeline neighbours is a ping-pong between ranks 2i and 2i+1 (every pair at once, as
+    neighbours send at once in training), an all-reduce one over all ranks; each is the median of ``repeats``
+    timings at a small and a large size, fitted with latency + bytes x seconds per byte, and averaged over the
+    ranks that timed it. Free in a single process.
+    """
     if not _distributed() or dist.get_world_size() < 2:
-        return 0.0
-    probe = torch.zeros(_PROBE_BYTES // 4, device=device)
-    dist.broadcast(probe, src=0)
-    times = []
-    for _ in range(3):
-        dist.barrier()
-        start = time.perf_counter()
-        dist.broadcast(probe, src=0)
-        _synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) / _PROBE_BYTES
+        return LinkCosts()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    peer = rank ^ 1
+    sends, allreduces = [], []
+    for nbytes in _LINK_PROBE_BYTES:
+        probe = torch.zeros(nbytes // 4, device=device)
+        times = [_time_collective(_ping_pong, probe, rank, peer, world, device) for _ in range(1 + max(3, repeats))]
+        sends.append(statistics.median(times[1:]) / 2 if rank % 2 == 0 and peer < world else math.nan)
+        times = [_time_collective(_all_reduce, probe, rank, peer, world, device) for _ in range(1 + max(3, repeats))]
+        allreduces.append(statistics.median(times[1:]))
+    send_latency, send_per_byte = _latency_and_per_byte(_mean_over_ranks(sends, device))
+    allreduce_latency, allreduce_per_byte = _latency_and_per_byte(_mean_over_ranks(allreduces, device))
+    return LinkCosts(send_latency, send_per_byte, allreduce_latency, allreduce_per_byte, allreduce_ranks=world)
 
 
-def _time_forward_backward(
-    fn: Callable[[Any], Any],
-    x: Any,
-    parameters: list[torch.Tensor],
-    input_grad: bool,
-    repeats: int,
+def _time_collective(
+    operation: Callable[[torch.Tensor, int, int, int], None],
+    probe: torch.Tensor,
+    rank: int,
+    peer: int,
+    world: int,
     device: torch.device,
-) -> tuple[float, float, Any]:
-    """Median forward and backward seconds over ``repeats`` runs after one warm-up, and the last output."""
-    leaf = _map_tensors(x, lambda t: t.detach().requires_grad_(input_grad and t.is_floating_point()))
-    forward_times, backward_times, grads = [], [], None
-    for run in range(1 + repeats):
-        for t in _tensors(leaf):
-            t.grad = None
-        inputs = _map_tensors(leaf, torch.Tensor.clone)  # in-place layers must not change the next run's input
-        _synchronize(device)
-        start = time.perf_counter()
-        out = fn(inputs)
-        _synchronize(device)
-        middle = time.perf_counter()
+) -> float:
+    dist.barrier()
+    start = time.perf_counter()
+    operation(probe, rank, peer, world)
+    _synchronize(device)
+    return time.perf_counter() - start
+
+
+def _ping_pong(probe: torch.Tensor, rank: int, peer: int, world: int) -> None:
+    if peer >= world:  # the last of an odd number of ranks has no partner
+        return
+    if rank % 2 == 0:
+        dist.send(probe, peer)
+        dist.recv(probe, peer)
+    else:
+        dist.recv(probe, peer)
+        dist.send(probe, peer)
+
+
+def _all_reduce(probe: torch.Tensor, rank: int, peer: int, world: int) -> None:
+    dist.all_reduce(probe)
+
+
+def _mean_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    """Each value's mean over the ranks on which it is a number (not NaN)."""
+    vector = torch.tensor([[0.0 if math.isnan(v) else v, float(not math.isnan(v))] for v in values], device=device)
+    dist.all_reduce(vector)
+    return [total / count if count else 0.0 for total, count in vector.tolist()]
+
+
+def _latency_and_per_byte(seconds: list[float]) -> tuple[float, float]:
+    """The line through the timings at the probe sizes, kept non-negative."""
+    (small, large), (t_small, t_large) = _LINK_PROBE_BYTES, seconds
+    per_byte = max(0.0, (t_large - t_small) / (large - small))
+    return max(0.0, t_small - small * per_byte), per_byte
+
+
+class _LayerProbe:
+    """One layer built on the measuring device with its recorded input, ready to be timed again and again."""
+
+    def __init__(self, fn: Callable[[Any], Any], parameters: list[torch.Tensor], x: Any, input_grad: bool, device):
+        self.fn, self.parameters, self.device = fn, parameters, device
+        self.input = _map_tensors(x, lambda t: t.detach().requires_grad_(input_grad and t.is_floating_point()))
+        out = self._forward()
+        self.output = _map_tensors(out, torch.Tensor.detach)
+        self.output_bytes = sum(t.numel() * t.element_size() for t in _tensors(out))
+        self.grads = [torch.ones_like(t) for t in _tensors(out) if t.requires_grad]
+        self._backward(out)
+        trainable = [p for p in parameters if p.grad is not None]
+        self.optimizer = torch.optim.Adam(trainable) if trainable else None
+        if self.optimizer is not None:
+            self.optimizer.step()  # the first step creates the optimizer's state
+
+    def time(self, split_backward: bool) -> dict[str, float]:
+        """Seconds of one forward, backward and optimizer step (and of the two backward halves, when asked)."""
+        times = {}
+        start = self._now()
+        out = self._forward()
+        times["forward"] = self._now() - start
+        start = self._now()
+        self._backward(out)
+        times["backward"] = self._now() - start
+        if split_backward:
+            out = self._forward()
+            inputs = [t for t in _tensors(self.input) if t.requires_grad]
+            weights = [p for p in self.parameters if p.requires_grad]
+            times["backward_input"] = self._timed(lambda: self._backward(out, inputs, retain_graph=True), inputs)
+            times["backward_weight"] = self._timed(lambda: self._backward(out, weights), weights)
+        times["step"] = self._timed(self.optimizer.step, [self.optimizer]) if self.optimizer else 0.0
+        return times
+
+    def _timed(self, work: Callable[[], Any], needed: list[Any]) -> float:
+        """Seconds ``work`` takes; 0 when there is nothing for it to do (``needed`` is empty)."""
+        if not needed:
+            return 0.0
+        start = self._now()
+        work()
+        return self._now() - start
+
+    def _forward(self) -> Any:
+        return self.fn(_map_tensors(self.input, torch.Tensor.clone))  # in-place layers must not change the input
+
+    def _backward(self, out: Any, inputs: list[torch.Tensor] | None = None, retain_graph: bool = False) -> None:
         outputs = [t for t in _tensors(out) if t.requires_grad]
-        if grads is None:
-            grads = [torch.ones_like(t) for t in outputs]
         if outputs:
-            torch.autograd.backward(outputs, grads)
-        _synchronize(device)
-        if run:
-            forward_times.append(middle - start)
-            backward_times.append(time.perf_counter() - middle)
-    return statistics.median(forward_times), statistics.median(backward_times), out
+            torch.autograd.backward(outputs, self.grads, inputs=inputs, retain_graph=retain_graph)
+
+    def _now(self) -> float:
+        _synchronize(self.device)
+        return time.perf_counter()
 
 
-def _time_optimizer_step(parameters: list[torch.Tensor], repeats: int, device: torch.device) -> float:
-    """Median seconds of an Adam step over ``parameters`` (after a first step that creates its state)."""
-    parameters = [p for p in parameters if p.grad is not None]
-    if not parameters:
-        return 0.0
-    optimizer = torch.optim.Adam(parameters)
-    times = []
-    for _ in range(1 + repeats):
-        _synchronize(device)
-        start = time.perf_counter()
-        optimizer.step()
-        _synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
+def _layer_probes(layers: Sequence[Any], sample: Any, device: torch.device) -> list[_LayerProbe]:
+    """Every layer built on ``device``, each fed the output of the one before (the warm-up pass)."""
+    x = _map_tensors(sample, lambda t: t.detach().to(device))
+    tied: dict[str, nn.Module] = {}
+    probes = []
+    for index, layer in enumerate(layers):
+        fn, parameters = _on_device(layer, device, tied)
+        probes.append(_LayerProbe(fn, parameters, x, index > 0, device))
+        x = probes[-1].output
+    return probes
 
 
 def _on_meta(layer: Any) -> tuple[Callable[[Any], Any], list[torch.Tensor]]:

@@ -18,9 +18,9 @@ from torch import nn
 
 from .context import PartitionContext
 from .registry import register_partition_method
-from .solver import balance, check_boundaries, min_max_split
+from .solver import balance, check_boundaries, fastest_split_within, min_max_split
 
-__all__ = ["layer_type_name"]
+__all__ = ["fastest_measured_split", "layer_type_name"]
 
 
 def layer_type_name(layer: Any) -> str | None:
@@ -161,8 +161,7 @@ def _memory(ctx: PartitionContext, arg: str | None) -> Sequence[int]:
     flops = [0]
     for f, b in zip(stats.forward_flops, stats.backward_flops):
         flops.append(flops[-1] + f + b)
-    fits = lambda stage, start, stop: flops[stop] - flops[start] if memory(stage, start, stop) <= budget else math.inf
-    return min_max_split(n, k, fits)[1]
+    return fastest_split_within(n, k, lambda stage, start, stop: flops[stop] - flops[start], memory, budget)
 
 
 def _check_profile(ctx: PartitionContext, arg: str | None, method: str = "profile") -> None:
@@ -175,5 +174,11 @@ def _check_profile(ctx: PartitionContext, arg: str | None, method: str = "profil
 def _profile(ctx: PartitionContext, arg: str | None) -> Sequence[int]:
     """Measured seconds per layer (forward, backward, optimizer share), shared by all ranks, cut by :func:`balance`
     with each cut charged its measured transfer twice (the activation forward, its gradient backward)."""
+    return fastest_measured_split(ctx)
+
+
+def fastest_measured_split(ctx: PartitionContext) -> list[int]:
+    """The split whose slowest stage is fastest under measured costs (:meth:`LayerCosts.stage_time`). Collective."""
     costs = ctx.measured_costs()
-    return balance(costs.totals(), ctx.num_stages, cut_costs=[2 * c for c in costs.cut])
+    weights = costs.per_micro_batch(ctx.require("micro_batches", "partition method 'profile'"))
+    return balance(weights, ctx.num_stages, cut_costs=[2 * c for c in costs.cut])

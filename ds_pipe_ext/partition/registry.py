@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from ..schedules import AUTO_SCHEDULE
 from .context import PartitionContext
 from .solver import check_boundaries, check_stage_count
 
@@ -27,12 +28,14 @@ CheckFn = Callable[[PartitionContext, str | None], None]
 @dataclass(frozen=True)
 class PartitionMethod:
     """A registered method: ``fn(ctx, arg)`` returns boundaries; ``check(ctx, arg)``, if given, rejects bad input
-    cheaply and before any process group exists; ``prefix`` methods take ``name:arg``, the others no argument."""
+    cheaply and before any process group exists; ``prefix`` methods take ``name:arg``, the others no argument;
+    ``chooses_schedule`` methods pick the schedule too (``schedule="auto"``) and record it in the context."""
 
     name: str
     fn: PartitionFn
     prefix: bool = False
     check: CheckFn | None = None
+    chooses_schedule: bool = False
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,12 @@ class PartitionSpec:
     def check(self, ctx: PartitionContext) -> None:
         """Everything that can be wrong with the spec, the stage count and the inputs, without measuring."""
         check_stage_count(ctx.num_stages, len(ctx.layers))
+        if ctx.schedule_name == AUTO_SCHEDULE and not self.method.chooses_schedule:
+            choosers = [m.name for m in _METHODS.values() if m.chooses_schedule]
+            raise ValueError(
+                f"schedule 'auto' is chosen together with the partition, which {str(self)!r} does not do: use "
+                f"partition_method={(choosers or ['auto'])[0]!r}, or name a schedule"
+            )
         if self.method.check is not None:
             self.method.check(ctx, self.arg)
 
@@ -62,10 +71,11 @@ _METHODS: dict[str, PartitionMethod] = {}
 
 
 def register_partition_method(
-    name: str, *, prefix: bool = False, check: CheckFn | None = None
+    name: str, *, prefix: bool = False, check: CheckFn | None = None, chooses_schedule: bool = False
 ) -> Callable[[PartitionFn], PartitionFn]:
     """Decorator: make ``fn(ctx, arg) -> boundaries`` selectable as ``name`` (case-insensitive), or as
-    ``name:arg`` with ``prefix=True``. ``check(ctx, arg)`` runs first, on every rank, before process groups exist."""
+    ``name:arg`` with ``prefix=True``. ``check(ctx, arg)`` runs first, on every rank, before process groups exist.
+    ``chooses_schedule``: the method also picks the schedule when it is ``"auto"`` (``ctx.choose_schedule``)."""
     key = name.lower()
     if not key or ":" in key:
         raise ValueError(f"partition method names must be non-empty and contain no ':', got {name!r}")
@@ -73,7 +83,7 @@ def register_partition_method(
     def register(fn: PartitionFn) -> PartitionFn:
         if key in _METHODS and _METHODS[key].fn is not fn:
             raise ValueError(f"partition method {key!r} is already registered to {_METHODS[key].fn.__qualname__}")
-        _METHODS[key] = PartitionMethod(key, fn, prefix, check)
+        _METHODS[key] = PartitionMethod(key, fn, prefix, check, chooses_schedule)
         return fn
 
     return register

@@ -7,13 +7,24 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from deepspeed.runtime.pipe.schedule import PipeSchedule
+
 from ..observe.simulation import simulate
+from ..schedules import Layout
 from .context import PartitionContext
 from .costs import LayerCosts
 from .methods import layer_type_name
 from .registry import get_partition_method
 
-__all__ = ["PartitionReport", "StageSummary", "compare_partitions", "format_comparison", "partition_report"]
+__all__ = [
+    "PartitionReport",
+    "StageSummary",
+    "compare_partitions",
+    "format_comparison",
+    "format_cost",
+    "partition_report",
+    "predict_step",
+]
 
 
 @dataclass(frozen=True)
@@ -27,6 +38,7 @@ class StageSummary:
     cost_share: float | None
     params: int
     memory_bytes: float | None
+    spread: float | None = None  # the measured cost's interquartile range over its median, between rounds
 
 
 @dataclass(frozen=True)
@@ -52,9 +64,15 @@ class PartitionReport:
             return None
         return max(costs) / (sum(costs) / len(costs))
 
+    @property
+    def spread(self) -> float | None:
+        """The largest stage's spread: how far apart repeated measurements of the costs lay (``None``: counted)."""
+        spreads = [stage.spread for stage in self.stages if stage.spread is not None]
+        return max(spreads) if spreads else None
+
     def to_dict(self) -> dict[str, Any]:
         stage_costs = [stage.cost for stage in self.stages]
-        return {**asdict(self), "stage_costs": stage_costs, "imbalance": self.imbalance}
+        return {**asdict(self), "stage_costs": stage_costs, "imbalance": self.imbalance, "spread": self.spread}
 
     def format(self) -> str:
         unit = {"s": "seconds", "FLOP": "FLOPs", None: "no costs: give sample_input"}.get(
@@ -65,19 +83,24 @@ class PartitionReport:
             f"partition {self.method!r}: {len(self.stages)} stages, schedule {self.schedule}"
             f"{' (not named)' if self.schedule_assumed else ''}, "
             f"{self.micro_batches} micro-batches{assumed}; cost per micro-batch in {unit}",
-            f"{'stage':>5}  {'layers':<9} {'cost':>10} {'share':>6} {'params':>8} {'memory':>10}  types",
+            f"{'stage':>5}  {'layers':<9} {'cost':>10} {'spread':>6} {'share':>6} {'params':>8} {'memory':>10}  types",
         ]
         for index, stage in enumerate(self.stages):
             layers = f"{stage.start}-{stage.stop - 1}"
             lines.append(
-                f"{index:>5}  {layers:<9} {_number(stage.cost, self.cost_unit):>10} "
+                f"{index:>5}  {layers:<9} {format_cost(stage.cost, self.cost_unit):>10} {_percent(stage.spread):>6} "
                 f"{_percent(stage.cost_share):>6} {_count(stage.params):>8} {_mebibytes(stage.memory_bytes):>10}  "
                 f"{stage.layer_types}"
             )
         if self.step_time is not None:
             lines.append(
-                f"slowest/mean stage {self.imbalance:.2f}; predicted step {_number(self.step_time, self.cost_unit)}, "
-                f"bubble {_percent(self.bubble_fraction)}"
+                f"slowest/mean stage {self.imbalance:.2f}; predicted step "
+                f"{format_cost(self.step_time, self.cost_unit)}, bubble {_percent(self.bubble_fraction)}"
+            )
+        if self.spread is not None:
+            lines.append(
+                f"spread: the middle half of the measuring rounds lay within {_percent(self.spread)} of each other "
+                "on the least steady stage; splits closer than that are a toss-up"
             )
         return "\n".join(lines)
 
@@ -90,11 +113,11 @@ def partition_report(
     costs = costs if costs is not None else ctx.known_costs()
     stats = ctx.stats()
     bounds = list(boundaries)
-    n, k = len(ctx.layers), len(bounds) - 1
     micro_batches = ctx.micro_batches or ctx.ranks
     memory = ctx.stage_memory() if ctx.sample_input is not None else None
     names = [layer_type_name(layer) or type(layer).__name__ for layer in ctx.layers]
-    stage_costs = [_stage_cost(costs, start, stop, n) if costs else None for start, stop in zip(bounds, bounds[1:])]
+    stage_time = costs.stage_time(micro_batches) if costs else None
+    stage_costs = [stage_time(s, a, b) if costs else None for s, (a, b) in enumerate(zip(bounds, bounds[1:]))]
     total = sum(stage_costs) if costs else 0
     stages = [
         StageSummary(
@@ -107,24 +130,11 @@ def partition_report(
             cost_share=cost / total if total else None,
             params=sum(stats.params[start:stop]),
             memory_bytes=memory(s, start, stop) if memory else None,
+            spread=costs.spread(start, stop) if costs else None,
         )
         for s, (start, stop, cost) in enumerate(zip(bounds, bounds[1:], stage_costs))
     ]
-    step_time = bubble = None
-    if costs is not None:
-        forward = [sum(costs.forward[a:b]) for a, b in zip(bounds, bounds[1:])]
-        backward = [sum(costs.backward[a:b]) for a, b in zip(bounds, bounds[1:])]
-        send = [_stage_send(costs, a, b, n) for a, b in zip(bounds, bounds[1:])]
-        result = simulate(
-            ctx.simulated_schedule(),
-            ctx.ranks,
-            micro_batches,
-            costs={"forward": forward, "backward": backward, "send": send},
-        )
-        steps = [sum(costs.step[a:b]) * micro_batches for a, b in zip(bounds, bounds[1:])]
-        rank_of = [ctx.layout.location(stage)[0] for stage in range(k)]
-        optimizer = max(sum(t for t, r in zip(steps, rank_of) if r == rank) for rank in range(ctx.ranks))
-        step_time, bubble = result.makespan + optimizer, result.bubble_fraction
+    step_time, bubble = predict_step(ctx, bounds, costs) if costs is not None else (None, None)
     return PartitionReport(
         method=method,
         boundaries=bounds,
@@ -139,10 +149,38 @@ def partition_report(
     )
 
 
-def _stage_cost(costs: LayerCosts, start: int, stop: int, n: int) -> float:
-    """What :func:`balance` charged the stage: its layers, plus two transfers at each end that is a cut."""
-    cuts = (costs.cut[start - 1] if start > 0 else 0) + (costs.cut[stop - 1] if stop < n else 0)
-    return sum(costs.totals()[start:stop]) + 2 * cuts
+def predict_step(
+    ctx: PartitionContext,
+    boundaries: Sequence[int],
+    costs: LayerCosts,
+    schedule: type[PipeSchedule] | None = None,
+) -> tuple[float, float]:
+    """The step time and bubble the schedule simulator predicts for ``boundaries`` under ``costs``.
+
+    Every stage's passes and transfers are replayed in the schedule's order (``schedule``, default the context's,
+    with its chunks per rank); after its last pass each rank runs its optimizer step for the stages it holds and,
+    with data-parallel replicas, the all-reduce of their gradients. The step ends when the last of those ends:
+    DeepSpeed's ``train_batch`` ends by broadcasting the loss from the last stage, so no rank moves on before every
+    stage is done.
+    """
+    schedule = schedule or ctx.simulated_schedule()
+    bounds = list(boundaries)
+    spans = list(zip(bounds, bounds[1:]))
+    n, k = len(ctx.layers), len(spans)
+    chunks = getattr(schedule, "chunks", 1)
+    layout = Layout(k // chunks, chunks, getattr(schedule, "placement", "loop"))
+    per_stage = lambda values: [sum(values[a:b]) for a, b in spans]
+    passes = {"forward": per_stage(costs.forward), "backward": per_stage(costs.backward)}
+    if costs.backward_input is not None and costs.backward_weight is not None:
+        passes.update(backward_input=per_stage(costs.backward_input), backward_weight=per_stage(costs.backward_weight))
+    passes["send"] = [_stage_send(costs, a, b, n) for a, b in spans]
+    result = simulate(schedule, layout.ranks, ctx.micro_batches or layout.ranks, costs=passes)
+    ends, tails = [0.0] * layout.ranks, [0.0] * layout.ranks
+    for event in result.timeline:
+        ends[event.stage] = max(ends[event.stage], event.end)
+    for stage, (step, nbytes) in enumerate(zip(per_stage(costs.step), per_stage(ctx.stats().grad_bytes))):
+        tails[layout.location(stage)[0]] += step + costs.link.allreduce(nbytes, ctx.data_parallel_size)
+    return max(end + tail for end, tail in zip(ends, tails)), result.bubble_fraction
 
 
 def _stage_send(costs: LayerCosts, start: int, stop: int, n: int) -> float:
@@ -152,7 +190,8 @@ def _stage_send(costs: LayerCosts, start: int, stop: int, n: int) -> float:
     return sum(sends) / len(sends) if sends else 0.0
 
 
-def _number(value: float | None, unit: str | None) -> str:
+def format_cost(value: float | None, unit: str | None) -> str:
+    """A cost for people: milliseconds or seconds when measured, else the number and its unit."""
     if value is None:
         return "-"
     if unit == "s":
@@ -193,8 +232,8 @@ def compare_partitions(ctx: PartitionContext, methods: Sequence[str], costs: str
 
 def format_comparison(reports: Sequence[PartitionReport]) -> str:
     """Methods side by side: boundaries, each stage's share of the cost, the slowest stage over the mean, the
-    predicted step time and bubble, and the fullest device's memory."""
-    rows = [("method", "boundaries", "stage shares", "slowest/mean", "step", "bubble", "peak memory")]
+    predicted step time, the measurement's spread and the bubble, and the fullest device's memory."""
+    rows = [("method", "boundaries", "stage shares", "slowest/mean", "step", "spread", "bubble", "peak memory")]
     for report in reports:
         memory = [stage.memory_bytes for stage in report.stages]
         rows.append(
@@ -203,7 +242,8 @@ def format_comparison(reports: Sequence[PartitionReport]) -> str:
                 ",".join(map(str, report.boundaries)),
                 " ".join(f"{100 * stage.cost_share:.0f}%" for stage in report.stages if stage.cost_share is not None),
                 "-" if report.imbalance is None else f"{report.imbalance:.2f}",
-                _number(report.step_time, report.cost_unit),
+                format_cost(report.step_time, report.cost_unit),
+                _percent(report.spread),
                 _percent(report.bubble_fraction),
                 _mebibytes(None if None in memory else max(memory)),
             )

@@ -13,7 +13,14 @@ from collections.abc import Callable, Sequence
 from fractions import Fraction
 from typing import Any
 
-__all__ = ["StageCost", "balance", "check_boundaries", "check_stage_count", "min_max_split"]
+__all__ = [
+    "StageCost",
+    "balance",
+    "check_boundaries",
+    "check_stage_count",
+    "fastest_split_within",
+    "min_max_split",
+]
 
 StageCost = Callable[[int, int, int], Any]
 
@@ -159,6 +166,25 @@ def min_max_split(num_items: int, num_stages: int, stage_cost: StageCost) -> tup
         )
         boundaries.append(stop)
     return optimum, boundaries
+
+
+def fastest_split_within(
+    num_items: int,
+    num_stages: int,
+    stage_time: StageCost,
+    stage_memory: StageCost,
+    budget: float,
+    fastest: Sequence[int] | None = None,
+) -> list[int]:
+    """Among the splits whose every stage's ``stage_memory`` is within ``budget``, the one whose slowest stage
+    (``stage_time``) is fastest; ``[]`` if none fits. ``fastest``, the fastest split regardless of memory if the
+    caller knows it (from :func:`balance`, in milliseconds), is the answer whenever it fits."""
+    if fastest and all(stage_memory(s, a, b) <= budget for s, (a, b) in enumerate(zip(fastest, fastest[1:]))):
+        return list(fastest)
+    within = lambda stage, start, stop: (
+        stage_time(stage, start, stop) if stage_memory(stage, start, stop) <= budget else math.inf
+    )
+    return min_max_split(num_items, num_stages, within)[1]
 
 
 def _exact_integers(values: Sequence[float]) -> list[int]:

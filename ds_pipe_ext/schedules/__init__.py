@@ -12,16 +12,19 @@ from .compute_order import ComputeOrderSchedule, Pass, lower
 from .instructions import BackwardInputPass, BackwardWeightPass
 from .layout import Layout
 from .registry import (
+    AUTO_SCHEDULE,
     DEEPSPEED_BUILTIN,
     DEFAULT_SCHEDULE,
     available_schedules,
     get_schedule,
     register_schedule,
     schedule_name,
+    schedule_variants,
 )
 from .zero_bubble import SplitOneFOneBSchedule, ZBH1Schedule
 
 __all__ = [
+    "AUTO_SCHEDULE",
     "DEEPSPEED_BUILTIN",
     "DEFAULT_SCHEDULE",
     "BackwardInputPass",
@@ -38,4 +41,5 @@ __all__ = [
     "lower",
     "register_schedule",
     "schedule_name",
+    "schedule_variants",
 ]

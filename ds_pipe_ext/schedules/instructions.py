@@ -13,13 +13,22 @@ from collections.abc import Iterator, Sequence
 from deepspeed.runtime.pipe.schedule import (
     BufferOpInstruction,
     PipeInstruction,
+    PipeSchedule,
     RecvActivation,
     RecvGrad,
     SendActivation,
     SendGrad,
 )
 
-__all__ = ["RECEIVES", "SENDS", "BackwardInputPass", "BackwardWeightPass", "transfer_runs"]
+__all__ = [
+    "RECEIVES",
+    "SENDS",
+    "BackwardInputPass",
+    "BackwardWeightPass",
+    "splits_backward",
+    "transfer_runs",
+    "uses_split_backward",
+]
 
 SENDS: tuple[type[PipeInstruction], ...] = (SendActivation, SendGrad)
 RECEIVES: tuple[type[PipeInstruction], ...] = (RecvActivation, RecvGrad)
@@ -36,6 +45,17 @@ class BackwardInputPass(BufferOpInstruction):
 class BackwardWeightPass(BufferOpInstruction):
     """W: accumulate the weight gradients of the micro-batch in ``buffer_id`` into ``.grad``, then free its
     activations. Comes after the micro-batch's :class:`BackwardInputPass` and before ``ReduceGrads``."""
+
+
+def uses_split_backward(schedule: PipeSchedule) -> bool:
+    """Whether ``schedule`` (one stage's) runs a backward split into I and W passes, which only some engines and
+    backends can run."""
+    return any(isinstance(cmd, (BackwardInputPass, BackwardWeightPass)) for step in schedule for cmd in step)
+
+
+def splits_backward(schedule_class: type[PipeSchedule]) -> bool:
+    """Whether ``schedule_class`` splits the backward on any stage (looked at on a two-stage pipeline)."""
+    return any(uses_split_backward(schedule_class(micro_batches=2, stages=2, stage_id=stage)) for stage in (0, 1))
 
 
 def transfer_runs(step: Sequence[PipeInstruction]) -> Iterator[list[PipeInstruction]]:

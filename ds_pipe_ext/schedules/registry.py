@@ -2,29 +2,35 @@
 
 ``"deepspeed"`` is registered from the start as DeepSpeed's own ``TrainSchedule``: for the simulator, the pictures
 and the partition planner it is that schedule; for :func:`ds_pipe_ext.initialize` it means DeepSpeed's untouched
-engine.
+engine. ``"auto"`` is no schedule but a name for the planner's choice (:mod:`ds_pipe_ext.planner`); it is accepted
+wherever a schedule is named and resolved to a registered one by :func:`ds_pipe_ext.config.resolve_schedule`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
 
 from deepspeed.runtime.pipe.schedule import PipeSchedule, TrainSchedule
 
 __all__ = [
+    "AUTO_SCHEDULE",
     "DEEPSPEED_BUILTIN",
     "DEFAULT_SCHEDULE",
+    "ScheduleVariant",
     "available_schedules",
     "get_schedule",
     "register_schedule",
     "schedule_name",
+    "schedule_variants",
 ]
 
 #: The name of DeepSpeed's untouched engine and its ``TrainSchedule``.
 DEEPSPEED_BUILTIN = "deepspeed"
 #: What runs when nobody chose: 1F1B, DeepSpeed's own order.
 DEFAULT_SCHEDULE = "1f1b"
+#: Not a schedule: the name under which the planner chooses one.
+AUTO_SCHEDULE = "auto"
 
 ScheduleClass = TypeVar("ScheduleClass", bound=type)
 
@@ -36,6 +42,8 @@ def register_schedule(name: str) -> Callable[[ScheduleClass], ScheduleClass]:
     key = name.lower()
     if key == DEEPSPEED_BUILTIN:
         raise ValueError(f"{name!r} is reserved for DeepSpeed's built-in TrainSchedule; pick another name")
+    if key == AUTO_SCHEDULE:
+        raise ValueError(f"{name!r} is reserved for the planner's choice of schedule; pick another name")
 
     def register(cls: ScheduleClass) -> ScheduleClass:
         if not (isinstance(cls, type) and issubclass(cls, PipeSchedule)):
@@ -49,19 +57,44 @@ def register_schedule(name: str) -> Callable[[ScheduleClass], ScheduleClass]:
 
 
 def schedule_name(name: str) -> str:
-    """``name`` as registered (lower case), or a ValueError that lists the registered names."""
+    """``name`` as registered (lower case; ``"auto"`` included), or a ValueError that lists the registered names."""
     key = name.lower()
-    if key not in _REGISTRY:
+    if key not in _REGISTRY and key != AUTO_SCHEDULE:
         raise ValueError(
-            f"unknown schedule {name!r}; registered: {', '.join(available_schedules())} "
-            "(add one with @ds_pipe_ext.register_schedule)"
+            f"unknown schedule {name!r}; registered: {', '.join(available_schedules())}, or 'auto' for the "
+            "planner's choice (add one with @ds_pipe_ext.register_schedule)"
         )
     return key
 
 
 def get_schedule(name: str) -> type[PipeSchedule]:
     """The schedule class registered under ``name`` (case-insensitive)."""
-    return _REGISTRY[schedule_name(name)]
+    key = schedule_name(name)
+    if key == AUTO_SCHEDULE:
+        raise ValueError(
+            "schedule 'auto' is chosen by the planner together with the partition: use partition_method='auto' "
+            "(or name a registered schedule)"
+        )
+    return _REGISTRY[key]
+
+
+#: One way to run a schedule: its knobs (empty for a schedule without any) and the class that runs with them.
+ScheduleVariant = tuple[Mapping[str, Any], type[PipeSchedule]]
+
+
+def schedule_variants(name: str, stages: int, micro_batches: int) -> list[ScheduleVariant]:
+    """The versions of schedule ``name`` a planner should try for ``stages`` and ``micro_batches``.
+
+    A schedule with knobs (say, virtual stages per rank) declares them with a classmethod
+    ``variants(stages, micro_batches)`` returning ``(knobs, class)`` pairs, each class a subclass that runs with
+    those knobs; a schedule without one is tried once, as it is. So a new schedule joins every plan search by
+    registering, and one with knobs by saying which values are worth trying.
+    """
+    schedule = get_schedule(name)
+    declared: Callable[[int, int], Iterable[ScheduleVariant]] | None = getattr(schedule, "variants", None)
+    if declared is None:
+        return [({}, schedule)]
+    return [(dict(knobs), variant) for knobs, variant in declared(stages, micro_batches)]
 
 
 def available_schedules() -> list[str]:
