@@ -16,6 +16,7 @@ can allocate the tensors it receives into.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -52,6 +53,7 @@ class Channels:
 
     def __init__(self, pipelines: list[list[int]], layout: Layout, rank: int):
         self.layout = layout
+        timeout = job_timeout()
         self.groups: dict[tuple[int, int], Any] = {}
         self.peers: dict[tuple[int, int], int] = {}
         for pipeline in pipelines:
@@ -60,7 +62,7 @@ class Channels:
                     ranks = [pipeline[layout.location(end)[0]] for end in link]
                     if ranks[0] == ranks[1]:
                         continue
-                    group = dist.new_group(sorted(ranks))
+                    group = dist.new_group(sorted(ranks), timeout=timeout)
                     if rank in ranks:
                         self.groups[link] = group
                         self.peers[link] = ranks[1] if ranks[0] == rank else ranks[0]
@@ -71,6 +73,18 @@ class Channels:
     def peer(self, link: tuple[int, int]) -> int:
         """The global rank at the other end of ``link``."""
         return self.peers[link]
+
+
+def job_timeout() -> timedelta | None:
+    """The default group's timeout (``deepspeed.init_distributed(timeout=...)``). A new group does not inherit it
+    (it gets the backend's default, 30 minutes on gloo), so a channel would wait for a dead or hung peer that long
+    instead of failing the job when the user asked; ``None`` where torch does not say."""
+    group = dist.distributed_c10d._get_default_group()
+    try:
+        device = dist.distributed_c10d._get_pg_default_device(group)
+        return group._get_backend(device).options._timeout
+    except (AttributeError, RuntimeError):
+        return None
 
 
 @dataclass(frozen=True)
