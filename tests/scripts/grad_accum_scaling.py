@@ -1,9 +1,10 @@
 """DeepSpeed's gradient-accumulation regression, for every schedule, on 2 pipeline ranks.
 
-Two ``Linear(1, 1, bias=False)`` layers with weight 1, MSE loss, SGD lr 0.1, micro-batch 1, 2 accumulation
-steps, one ``train_batch`` on input 1 and target 0: d(loss)/d(w1) = 2 per micro-batch, averaged over the two,
-so the first weight must become 1 - 2 x 0.1 = 0.8. With gradient clipping at norm 1 (DeepSpeed's default), the
-gradient norm over BOTH stages is 2 x sqrt(2), so the first weight must become 1 - 0.1 x 2 / (2 x sqrt(2)).
+Two ``Linear(1, 1, bias=False)`` layers per chunk (four for a virtual-stage schedule's two chunks per rank) with
+weight 1, MSE loss, SGD lr 0.1, micro-batch 1, 2 accumulation steps per chunk, one ``train_batch`` on input 1 and
+target 0: d(loss)/d(w) = 2 per micro-batch for every weight, averaged over the micro-batches, so the first weight
+must become 1 - 2 x 0.1 = 0.8. With gradient clipping at norm 1 (DeepSpeed's default), the gradient norm over ALL
+stages is 2 x sqrt(layers), so the first weight must become 1 - 0.1 x 2 / (2 x sqrt(layers)).
 Prints one JSON line per schedule and clipping from stage 0.
 """
 
@@ -15,17 +16,20 @@ import torch
 from deepspeed import comm as dist
 
 import ds_pipe_ext
+from ds_pipe_ext.schedules import get_schedule
 
 
 def first_weight_after_one_batch(schedule: str, clipping: float) -> float:
-    layers = [torch.nn.Linear(1, 1, bias=False) for _ in range(2)]
+    chunks = getattr(get_schedule(schedule), "chunks", 1)
+    layers = [torch.nn.Linear(1, 1, bias=False) for _ in range(2 * chunks)]
     for layer in layers:
         torch.nn.init.ones_(layer.weight)
+    virtual = {"virtual_stages": chunks, "schedule": schedule} if chunks > 1 else {}
     module = ds_pipe_ext.PipelineModule(
-        layers=layers, num_stages=2, loss_fn=torch.nn.MSELoss(), partition_method="uniform"
+        layers=layers, num_stages=2, loss_fn=torch.nn.MSELoss(), partition_method="uniform", **virtual
     )
     config = {
-        "train_batch_size": 2,
+        "train_batch_size": 2 * chunks,
         "train_micro_batch_size_per_gpu": 1,
         "optimizer": {"type": "SGD", "params": {"lr": 0.1}},
         "gradient_clipping": clipping,
@@ -34,7 +38,7 @@ def first_weight_after_one_batch(schedule: str, clipping: float) -> float:
         model=module, model_parameters=module.parameters(), config=config, schedule=schedule
     )
     batch = (torch.ones(1, 1), torch.zeros(1, 1))
-    engine.train_batch(iter([batch, batch]))
+    engine.train_batch(iter([batch] * 2 * chunks))
     return layers[0].weight.item() if engine.stage_id == 0 else None
 
 
