@@ -177,12 +177,13 @@ def test_bad_command_lines_fail_before_any_process_group(example, monkeypatch, t
 # ---- the oracle, on 2 CPU ranks (slow) -------------------------------------------------------------------------
 
 #: The 2-stage runs: schedule, and the partition it runs with. Every cut puts the embedding (layer 0) and the head
-#: (layer 7) on different stages, so DeepSpeed's all-reduce of the tied gradient decides the result. zb-h1 and
-#: 1f1b-split join, one line each, once the split backward handles transformer stages.
+#: (layer 7) on different stages, so DeepSpeed's all-reduce of the tied gradient decides the result.
 PIPELINES = {
     "deepspeed": "parameters",
     "1f1b": "manual:0,3,8",
     "gpipe": "type:TransformerBlock",
+    "zb-h1": "manual:0,5,8",
+    "1f1b-split": "flops",
 }
 RUNS = {
     "data_parallel": ["-p", "0"],
@@ -211,6 +212,7 @@ def oracle(tmp_path_factory) -> dict[str, dict]:
 
 
 @pytest.mark.slow
+@pytest.mark.oracle
 @pytest.mark.parametrize("name", [name for name in RUNS if name != "data_parallel"])
 def test_losses_match_the_run_without_a_pipeline(oracle, name):
     assert_close(losses(oracle[name]), losses(oracle["data_parallel"]), rtol=1e-5)
@@ -224,6 +226,7 @@ def gpt_layer_key(name: str) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.oracle
 @pytest.mark.parametrize("name", [name for name in RUNS if name not in ("data_parallel", "deepspeed")])
 def test_final_weights_match_the_run_that_sums_gradients_alike(oracle, name):
     """2-stage runs against DeepSpeed's own pipeline (one replica summing 8 micro-batches); the one-stage run
@@ -236,6 +239,7 @@ def test_final_weights_match_the_run_that_sums_gradients_alike(oracle, name):
 
 
 @pytest.mark.slow
+@pytest.mark.oracle
 @pytest.mark.parametrize("name", PIPELINES)
 def test_the_tied_copies_end_equal_on_both_stages(oracle, name):
     assert oracle[name]["tied_weights"] == {"embed": {"stages": [0, 1], "equal": True}}

@@ -12,7 +12,7 @@ from launch import assert_close, assert_weights_close, data_parallel_weights, la
 
 from ds_pipe_ext.models.vision import build_model, join_layers
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.oracle]
 
 
 @pytest.mark.parametrize("layout", ["one_stage", "deepspeed", "1f1b", "gpipe", "gpipe_pipe2_data2"])
