@@ -102,7 +102,7 @@ def run_pipeline(cfg: dict, world: int) -> dict:
     topology = make_topology(world, cfg["stages"])
     data = micro_batches(cfg, cfg["micro_batches"])
     module = ds_pipe_ext.PipelineModule(
-        layers=example.build_layers(),
+        layers=example.build_layers(cfg["image_size"]),
         loss_fn=example.loss_fn(),
         topology=topology,
         partition_method=cfg["partition"],

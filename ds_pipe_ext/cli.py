@@ -227,7 +227,7 @@ def _run_plan(args: argparse.Namespace) -> int:
     try:
         example.check_size(size)
         template = PartitionContext(
-            layers=example.build_layers(),
+            layers=example.build_layers(size),
             num_stages=1,
             device=device,
             memory_budget=budget,

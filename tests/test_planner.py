@@ -238,7 +238,7 @@ def test_plan_auto_json_round_trips_and_is_the_librarys_search(monkeypatch, caps
     assert [Plan.from_dict(entry).to_dict() for entry in printed["plans"]] == printed["plans"]
     example = example_model("alexnet")
     space = PlanSpace(2, 8, 4 * 2**30, micro_batches=[2, 4], schedules=["1f1b", "gpipe", "zb-h1"])
-    ctx = PartitionContext(example.build_layers(), 1, schedule="auto", measure=fake)
+    ctx = PartitionContext(example.build_layers(64), 1, schedule="auto", measure=fake)
     expected = search_plans(ctx, space, lambda size: example.sample_input(size, 64))
     assert [Plan.from_dict(entry) for entry in printed["plans"]] == expected.plans
 
@@ -431,3 +431,36 @@ def test_the_example_trains_with_the_planners_choice(tmp_path):
     assert record["schedule"] in available_schedules()
     assert len(record["stage_boundaries"]) == 3 and len(record["steps"]) == 2
     assert "partition 'auto'" in record["stdout"]
+
+
+def test_the_gpt_example_plans_from_its_layer_specs(capsys):
+    """The tied embedding and head are specs the planner partitions like the example does; its command names
+    the GPT script and the sequence length."""
+    example = example_model("gpt")
+    inputs, labels = example.make_batch(3, 16, torch.Generator().manual_seed(0))
+    assert inputs.shape == labels.shape == (3, 16) and torch.equal(inputs[:, 1:], labels[:, :-1])
+    assert main(
+        [
+            "plan",
+            "--model",
+            "gpt",
+            "--size",
+            "16",
+            "--auto",
+            "--world",
+            "2",
+            "--global-batch",
+            "8",
+            "--micro-batches",
+            "2",
+            "--schedules",
+            "1f1b",
+            "--costs",
+            "flops",
+            "--json",
+        ]
+    ) in (0, None)
+    plans = json.loads(capsys.readouterr().out)["plans"]
+    assert {plan["stages"] for plan in plans} == {1, 2}
+    command = example.command(2, 16, ["-p", "2"])
+    assert command.startswith("deepspeed --num_gpus 2 examples/gpt/train.py") and "--seq-len 16 -p 2" in command

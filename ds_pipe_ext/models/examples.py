@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import vision
+from . import gpt, vision
 
 __all__ = ["EXAMPLE_MODELS", "ExampleModel", "example_model"]
 
@@ -26,13 +26,14 @@ class ExampleModel:
     """A reference model: its layers, its data, its loss and the script that trains it.
 
     ``size`` is the one shape knob the model has (the image side, the sequence length), named on the script's
-    command line by ``size_flag``; ``check_size`` rejects sizes the model cannot run before any rank starts.
+    command line by ``size_flag``; ``build_layers(size)`` gives the layer list (modules or DeepSpeed layer specs);
+    ``check_size`` rejects sizes the model cannot run before any rank starts.
     """
 
     name: str
-    build_layers: Callable[[], list[nn.Module]]
+    build_layers: Callable[[int], list]
     make_batch: BatchFn
-    loss_fn: Callable[[], nn.Module]
+    loss_fn: Callable[[], Callable[..., torch.Tensor]]
     default_size: int
     size_flag: str
     check_size: Callable[[int], None] = lambda size: None
@@ -56,7 +57,7 @@ class ExampleModel:
 def _vision(name: str) -> ExampleModel:
     return ExampleModel(
         name=name,
-        build_layers=lambda: vision.build_layers(name, dropout=0.0),
+        build_layers=lambda size: vision.build_layers(name, dropout=0.0),
         make_batch=lambda micro_batch, size, generator: vision.labelled_batch(size, micro_batch, generator),
         loss_fn=nn.CrossEntropyLoss,
         default_size=224,
@@ -67,7 +68,25 @@ def _vision(name: str) -> ExampleModel:
     )
 
 
-EXAMPLE_MODELS: dict[str, ExampleModel] = {name: _vision(name) for name in vision.MODELS}
+def _gpt_batch(micro_batch: int, seq_len: int, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens = torch.randint(0, gpt.GPTConfig.vocab_size, (micro_batch, seq_len + 1), generator=generator)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def _gpt() -> ExampleModel:
+    """The GPT example at its default width and depth; ``size`` is the sequence length."""
+    return ExampleModel(
+        name="gpt",
+        build_layers=lambda seq_len: gpt.gpt_layers(gpt.GPTConfig(seq_len=seq_len)),
+        make_batch=_gpt_batch,
+        loss_fn=lambda: gpt.next_token_loss,
+        default_size=gpt.GPTConfig.seq_len,
+        size_flag="--seq-len",
+        script="examples/gpt/train.py",
+    )
+
+
+EXAMPLE_MODELS: dict[str, ExampleModel] = {**{name: _vision(name) for name in vision.MODELS}, "gpt": _gpt()}
 
 
 def example_model(name: str) -> ExampleModel:
