@@ -3,8 +3,9 @@
     deepspeed --num_gpus 2 bench/pipeline_bench.py --configs configs.json --out results.json
 
 Each configuration (a JSON object) names the model (any of ``ds_pipe_ext.models.examples``), its size
-(``image_size``), micro-batch, micro-batches per step, pipeline stages (0 = plain data parallel), partition
-method, schedule and whether to trace. Running them in one job, in the order given (the benchmark scripts
+(``image_size``), micro-batch, micro-batches per step, pipeline stages (0 = plain data parallel), chunks per
+rank (``virtual_stages``), partition method, schedule (``deepspeed-dualpipev``: DeepSpeed's own DualPipeV) and
+whether to trace. Running them in one job, in the order given (the benchmark scripts
 interleave repeats), gives every row the same machine conditions. The data is a fixed set of in-memory
 micro-batches, so the numbers measure the pipeline, not the data loader. Per row: seconds per step (median of
 the timed steps), samples/s, stage boundaries, the partition report's predicted step time, when traced the
@@ -34,6 +35,9 @@ from ds_pipe_ext.models.vision import build_model
 from ds_pipe_ext.observe.memory import ActivationMemoryMeter
 from ds_pipe_ext.observe.trace import bubble_report, load_trace
 from ds_pipe_ext.topology import make_topology, stage_of
+
+#: The schedule name under which a configuration runs DeepSpeed's own DualPipeVModule and DualPipeVEngine.
+DEEPSPEED_DUALPIPEV = "deepspeed-dualpipev"
 
 
 def reset_peak_rss() -> None:
@@ -96,20 +100,34 @@ def ds_config(cfg: dict, data_parallel: int) -> dict:
     }
 
 
-def run_pipeline(cfg: dict, world: int) -> dict:
-    torch.manual_seed(0)
+def build_module(cfg: dict, topology, data: list) -> torch.nn.Module:
+    """The configuration's pipeline module: ds_pipe_ext's (``virtual_stages`` chunks per rank), or, for schedule
+    ``deepspeed-dualpipev``, DeepSpeed's own ``DualPipeVModule``, which runs DeepSpeed's ``DualPipeVEngine``."""
     example = example_model(cfg["model"])
-    topology = make_topology(world, cfg["stages"])
-    data = micro_batches(cfg, cfg["micro_batches"])
-    module = ds_pipe_ext.PipelineModule(
+    common = dict(
         layers=example.build_layers(cfg["image_size"]),
         loss_fn=example.loss_fn(),
         topology=topology,
         partition_method=cfg["partition"],
+    )
+    if cfg["schedule"] == DEEPSPEED_DUALPIPEV:
+        from deepspeed.runtime.pipe.dualpipev import DualPipeVModule
+
+        return DualPipeVModule(**common)
+    return ds_pipe_ext.PipelineModule(
+        **common,
         sample_input=lambda: data[0][0],
         micro_batches=cfg["micro_batches"],
         schedule=cfg["schedule"],
+        virtual_stages=cfg.get("virtual_stages", 1),
     )
+
+
+def run_pipeline(cfg: dict, world: int) -> dict:
+    torch.manual_seed(0)
+    topology = make_topology(world, cfg["stages"])
+    data = micro_batches(cfg, cfg["micro_batches"])
+    module = build_module(cfg, topology, data)
 
     trace_dir = tempfile.mkdtemp(prefix="bench_trace_") if cfg.get("trace") else None
     if trace_dir is not None:
@@ -120,7 +138,7 @@ def run_pipeline(cfg: dict, world: int) -> dict:
         model=module,
         model_parameters=[p for p in module.parameters() if p.requires_grad],
         config=ds_config(cfg, topology.get_dim("data")),
-        schedule=cfg["schedule"],
+        schedule="deepspeed" if cfg["schedule"] == DEEPSPEED_DUALPIPEV else cfg["schedule"],
         trace_dir=trace_dir,
     )
     meter = ActivationMemoryMeter(module.parameters())
@@ -130,11 +148,12 @@ def run_pipeline(cfg: dict, world: int) -> dict:
             engine.train_batch(iter(data))
 
     result = time_steps(cfg, step)
+    report = getattr(module, "partition_report", None)  # DeepSpeed's own modules have none
     result.update(
-        boundaries=list(module.parts),
-        predicted_step=module.partition_report.step_time,
-        predicted_unit=module.partition_report.cost_unit,
-        predicted_stage_costs=[stage.cost for stage in module.partition_report.stages],
+        boundaries=[int(bound) for bound in module.parts],
+        predicted_step=report and report.step_time,
+        predicted_unit=report and report.cost_unit,
+        predicted_stage_costs=report and [stage.cost for stage in report.stages],
         peak_activation_mb=meter.peak_bytes / 2**20,
         stage=stage_of(topology, dist.get_rank()),
         state_bytes=state_bytes(engine),
