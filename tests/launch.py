@@ -17,6 +17,19 @@ import psutil
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def skip_unless_deepspeed_averages() -> None:
+    """Skip a comparison with DeepSpeed's own pipeline engine on a release where it does not average the
+    micro-batches' gradients (before 0.19.3: ``ds_pipe_ext.compat.stock_pipeline_gradient_scale``)."""
+    import pytest
+
+    from ds_pipe_ext.compat import installed_deepspeed, stock_pipeline_gradient_scale
+
+    if stock_pipeline_gradient_scale(stages=2, accumulation_steps=2) != [0.5, 0.5]:
+        pytest.skip(f"DeepSpeed {installed_deepspeed()}'s own pipeline engine scales gradients another way")
+
+
 EXAMPLE = ROOT / "examples" / "alexnet_cifar" / "train.py"
 GPT_EXAMPLE = ROOT / "examples" / "gpt" / "train.py"
 DEEPSPEED = Path(sys.executable).with_name("deepspeed")
