@@ -17,6 +17,13 @@ differ, and checks no version itself. What differs (read in the sources of 0.17.
   posts with ``torch.distributed`` on its own per-link groups (``engine/channels.py``), the same on every release.
 - :func:`config_for_deepspeed`: before 0.19.1 DeepSpeed pops ``torch_adam`` out of the caller's config dict.
 - :func:`dualpipev`: DeepSpeed's DualPipeV (``deepspeed.runtime.pipe.dualpipev``) is there from 0.19.8.
+- :func:`backward_in_pieces`, :func:`split_backward_loss`: from 0.18.3 ``engine.backward`` is pieces the split backward
+  can call around each half: the loss scaled by ``engine.scale``'s dispatch (ZeRO optimizers' loss scaler, torch
+  autocast's ``GradScaler``), hooks on the stage outputs and the parameters, and ``_backward_epilogue``; before, it
+  is one call of ``optimizer.backward(loss)`` for fp16, bf16 and ZeRO, which scales, runs autograd and post-processes
+  at once. The split backward runs fp16, bf16 and ZeRO from 0.18.3 (read in 0.18.3-0.19.5, tested on 0.19.8).
+  In 0.19.8 (not yet in 0.19.5) ``engine.backward`` divides the loss by the accumulation steps itself and marks its
+  graph so that the output hooks do not divide again; :func:`split_backward_loss` does as the release does.
 
 So DeepSpeed's own engine (schedule ``"deepspeed"``) trains with another gradient scale on older releases
 (:func:`stock_pipeline_gradient_scale`); ``SchedulePipelineEngine`` divides as 0.19.8 does on every release.
@@ -40,6 +47,7 @@ __all__ = [
     "TESTED_DEEPSPEED",
     "UnsupportedDeepSpeedError",
     "UntestedDeepSpeedWarning",
+    "backward_in_pieces",
     "check_deepspeed",
     "config_for_deepspeed",
     "dualpipev",
@@ -48,6 +56,7 @@ __all__ = [
     "load_ds_config",
     "loss_for_backward",
     "running_engine_backward",
+    "split_backward_loss",
     "stage_output_grad",
     "stock_pipeline_gradient_scale",
 ]
@@ -62,6 +71,8 @@ TESTED_DEEPSPEED = ("0.17.0", "0.19.8")
 ALLOW_UNTESTED_ENV = "DS_PIPE_EXT_ALLOW_UNTESTED_DEEPSPEED"
 #: The first release with DeepSpeed's own DualPipeV classes.
 DUALPIPEV_SINCE = "0.19.8"
+#: The first release whose backward the split backward reproduces with fp16, bf16 or ZeRO (:func:`backward_in_pieces`).
+SPLIT_PRECISION_SINCE = "0.18.3"
 
 
 class UnsupportedDeepSpeedError(ImportError):
@@ -208,6 +219,54 @@ def stage_output_grad(engine: Any, grad: Any) -> Any:
     from deepspeed.runtime.engine import DeepSpeedEngine
 
     return DeepSpeedEngine._backward_prologue_per_tensor(engine, grad) if engine.is_last_stage() else grad
+
+
+def backward_in_pieces() -> bool:
+    """Whether ``engine.backward`` is made of pieces the split backward can run around each of its halves (0.18.3
+    on): ``engine.scale`` scales the loss as ``engine.backward`` does, the optimizers' work happens in hooks on the
+    stage outputs and the parameters, and ``engine._backward_epilogue`` ends it. Before 0.18.3, fp16, bf16 and ZeRO
+    run their backward as one ``optimizer.backward(loss)``, which cannot be split."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    return hasattr(DeepSpeedEngine, "scale")
+
+
+def _engine_backward_marks_its_graph() -> bool:
+    """Whether ``engine.backward`` divides the loss by the accumulation steps itself and marks the autograd graph it
+    runs, so that DeepSpeed's hooks on the stage outputs leave that graph's gradients alone (0.19.8; from 0.18.3 to
+    0.19.5 at least, the hooks divide and the loss is not)."""
+    from deepspeed.runtime import engine as ds_engine
+
+    return hasattr(ds_engine, "_ENGINE_BACKWARD_GRAPH_TRACKER")
+
+
+@contextmanager
+def split_backward_loss(engine: Any, loss: Any) -> Iterator[Any]:
+    """The last stage's ``loss`` to start a split backward's I from, as ``engine.backward`` starts its backward:
+    divided by the accumulation steps once, and scaled as ``engine.backward`` scales it (``engine.scale``: the loss
+    scaler of DeepSpeed's ZeRO optimizers, torch autocast's ``GradScaler``; nothing for fp32 and bf16, nor for fp16
+    without ZeRO, whose FP16_Optimizer ``engine.backward`` leaves unscaled from 0.18.3).
+
+    Where ``engine.backward`` divides the loss and marks its graph (0.19.8), this does the same with DeepSpeed's own
+    tracker, for the backward run inside the ``with``; elsewhere the loss is :func:`loss_for_backward`'s. Releases
+    without ``engine.scale`` run the split in fp32 only (:func:`backward_in_pieces`), unscaled."""
+    if not _engine_backward_marks_its_graph():
+        loss = loss_for_backward(engine, loss)
+        yield engine.scale(loss) if backward_in_pieces() else loss
+        return
+    from deepspeed.runtime.engine import _ENGINE_BACKWARD_GRAPH_TRACKER as tracker
+
+    state = tracker.new_state()
+    loss = engine.scale(loss / engine.gradient_accumulation_steps())
+    handle = None
+    if loss.requires_grad:
+        handle = loss.register_hook(lambda grad: tracker.register_current_graph(grad, state))
+    try:
+        yield loss
+    finally:
+        if handle is not None:
+            handle.remove()
+        tracker.unregister(state)
 
 
 def stock_pipeline_gradient_scale(stages: int, accumulation_steps: int) -> list[float]:

@@ -149,3 +149,25 @@ def test_deepspeeds_own_pipeline_scales_as_its_release_does():
         assert scale == [1 / 4] * 3
     elif compat.release(deepspeed.__version__) < (0, 18, 3):
         assert scale == [1.0] * 3
+
+
+@pytest.mark.parametrize("steps", [1, 3, 4])
+def test_the_split_backwards_loss_is_divided_once_and_scaled_as_engine_backward_scales_it(steps):
+    """The last stage's I starts from the loss divided by the accumulation steps once (by the loss, or by DeepSpeed's
+    hook on the stage output, as ``engine.backward`` does on this release) and scaled by ``engine.scale``."""
+    from types import SimpleNamespace
+
+    engine = SimpleNamespace(
+        gradient_accumulation_steps=lambda: steps,
+        is_last_stage=lambda: True,
+        enable_backward_allreduce=False,
+        scale=lambda loss: loss * 1024.0,  # what engine.scale does with fp16 and ZeRO: the loss scaler's power of 2
+    )
+    x = torch.tensor([1.5, -2.0, 0.1], requires_grad=True)
+    output = x * 3.0
+    if compat._output_hook_scales():  # DeepSpeed's hook on a stage output, as SchedulePipelineEngine overrides it
+        output.register_hook(lambda grad: compat.stage_output_grad(engine, grad))
+    with compat.running_engine_backward(engine), compat.split_backward_loss(engine, output.sum()) as loss:
+        loss.backward()
+    scale = 1024.0 if compat.backward_in_pieces() else 1.0
+    torch.testing.assert_close(x.grad, torch.full((3,), 3.0 * scale / steps), rtol=1e-7, atol=0)

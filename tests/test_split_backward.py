@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
+from ds_pipe_ext import compat
 from ds_pipe_ext.engine.split_backward import backward_input, backward_weight, check_engine_can_split
 
 WIDTH, HEADS, TOKENS, BATCH, VOCAB = 16, 2, 6, 2, 23
@@ -543,14 +544,15 @@ def test_deepspeeds_reentrant_checkpoint_cannot_split():
         backward_input([out], [torch.ones_like(out)], [x, ids], model.parameters())
 
 
-# The engines the split cannot reproduce.
+# What the engine runs the split with: every precision and ZeRO stage DeepSpeed's PipelineEngine trains with, from the
+# release whose backward is made of pieces (DeepSpeed's own engine runs in tests/test_mixed_precision.py).
 
 
 def engine_config(**overrides) -> SimpleNamespace:
-    settings = {"fp16": False, "bf16": False, "zero": 0, "checkpoint": 0}
+    settings = {"fp16": False, "bf16": False, "zero": 0, "checkpoint": 0, "amp": None}
     settings["checkpoint_func"] = ds_checkpointing.checkpoint  # DeepSpeed's default: reentrant
     settings.update(overrides)
-    return SimpleNamespace(
+    engine = SimpleNamespace(
         fp16_enabled=lambda: settings["fp16"],
         bfloat16_enabled=lambda: settings["bf16"],
         zero_optimization_stage=lambda: settings["zero"],
@@ -559,22 +561,57 @@ def engine_config(**overrides) -> SimpleNamespace:
             activation_checkpoint_func=settings["checkpoint_func"],
         ),
     )
+    if settings["amp"] is not None:  # DeepSpeed releases with apex AMP support
+        engine.amp_enabled = lambda: settings["amp"]
+    return engine
 
 
-def test_engines_the_split_cannot_reproduce_are_refused():
-    check_engine_can_split(engine_config())
-    with pytest.raises(ValueError, match=r"fp32 with ZeRO stage 0 only, .*; this run has bf16, ZeRO stage 1: .*1f1b"):
-        check_engine_can_split(engine_config(bf16=True, zero=1))
-    with pytest.raises(ValueError, match="has fp16"):
-        check_engine_can_split(engine_config(fp16=True))
+MIXED = {
+    "bf16": {"bf16": True},
+    "fp16": {"fp16": True},
+    "fp32, ZeRO stage 1": {"zero": 1},
+    "bf16, ZeRO stage 1": {"bf16": True, "zero": 1},
+    "fp16, ZeRO stage 1": {"fp16": True, "zero": 1},
+    "bf16, non-reentrant checkpoints": {"bf16": True, "checkpoint": 1},
+}
+
+
+@pytest.mark.parametrize("name", MIXED)
+def test_mixed_precision_and_zero_stage_1_split_from_the_release_whose_backward_is_in_pieces(monkeypatch, name):
+    settings = {"checkpoint_func": ds_checkpointing.non_reentrant_checkpoint, **MIXED[name]}
+    monkeypatch.setattr(compat, "backward_in_pieces", lambda: True)
+    check_engine_can_split(engine_config(**settings))
+    check_engine_can_split(engine_config(amp=False, **settings))
+    monkeypatch.setattr(compat, "backward_in_pieces", lambda: False)
+    check_engine_can_split(engine_config(checkpoint_func=settings["checkpoint_func"]))  # fp32, ZeRO 0: every release
+    wanted = " and ".join(part for part in ("fp16", "bf16", "ZeRO stage 1") if part in name)
+    message = rf"run {wanted} from DeepSpeed 0\.18\.3 on, .*; this is DeepSpeed .*: "
+    message += r"pip install 'deepspeed>=0\.18\.3,<0\.20', run fp32 with ZeRO stage 0, or use schedule '1f1b'"
+    with pytest.raises(ValueError, match=message):
+        check_engine_can_split(engine_config(**settings))
+
+
+def test_the_installed_release_splits_mixed_precision_if_it_is_0_18_3_or_later():
+    import deepspeed
+
+    assert compat.SPLIT_PRECISION_SINCE == "0.18.3"
+    assert compat.backward_in_pieces() is (compat.release(deepspeed.__version__) >= (0, 18, 3))
+
+
+def test_what_deepspeeds_pipeline_cannot_run_or_the_split_cannot_reproduce_is_refused():
+    with pytest.raises(ValueError, match=r"run ZeRO stage 0 or 1; this run has ZeRO stage 2: use stage 1, or .*1f1b"):
+        check_engine_can_split(engine_config(zero=2))
+    with pytest.raises(ValueError, match=r"cannot split apex AMP's backward .*this run has \"amp\": use \"fp16\""):
+        check_engine_can_split(engine_config(amp=True))
 
 
 def test_only_reentrant_activation_checkpointing_is_refused():
-    with pytest.raises(ValueError, match=r'has reentrant activation checkpointing \(set "pipeline": {"use_reentrant"'):
+    message = r"cannot split a reentrant activation checkpoint; .* set \"pipeline\": {\"use_reentrant\": false}"
+    with pytest.raises(ValueError, match=message):
         check_engine_can_split(engine_config(checkpoint=1))
     reentrant_torch = functools.partial(torch_checkpoint, use_reentrant=True)
-    with pytest.raises(ValueError, match="has reentrant activation checkpointing"):
-        check_engine_can_split(engine_config(checkpoint=1, checkpoint_func=reentrant_torch))
+    with pytest.raises(ValueError, match="cannot split a reentrant activation checkpoint"):
+        check_engine_can_split(engine_config(checkpoint=1, checkpoint_func=reentrant_torch, bf16=True))
     non_reentrant_torch = functools.partial(torch_checkpoint, use_reentrant=False)
     for checkpoint_func in (ds_checkpointing.non_reentrant_checkpoint, non_reentrant_torch):
         check_engine_can_split(engine_config(checkpoint=1, checkpoint_func=checkpoint_func))

@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict, deque
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
@@ -166,37 +166,71 @@ class SchedulePipelineEngine(PipelineEngine):
     def _exec_backward_input_pass(self, buffer_id: int) -> None:
         """I: the gradient of the stage input, for ``SendGrad``; what the weights' gradients need waits for W.
 
-        On the last stage I starts from the loss as a B would (:func:`ds_pipe_ext.compat.loss_for_backward`: DeepSpeed's
-        hook on the stage output divides the gradient by the accumulation steps, or, on releases without that hook,
-        the loss is divided). The first stage has no input gradient to compute: its W runs the whole backward.
+        On the last stage I starts from the loss as ``engine.backward`` would
+        (:func:`ds_pipe_ext.compat.split_backward_loss`: divided by the accumulation steps once, on the loss or by
+        DeepSpeed's hook on the stage output as the release does, then scaled as ``engine.backward`` scales it, for
+        fp16's loss scaling). The first stage has no input gradient to compute: its W runs the whole backward. Around
+        the autograd call, what DeepSpeed does around a backward (:meth:`_before_backward_half`,
+        :meth:`_flush_low_precision_grads`), so that the weights whose gradients I computes (those that join the input
+        path twice) are accumulated as one backward's would be.
         """
         if self.is_first_stage():
             return
-        if self.is_last_stage():
-            outputs, grads = [compat.loss_for_backward(self, self.pipe_buffers["losses"][buffer_id])], [None]
-            self.pipe_buffers["losses"][buffer_id] = None
-        else:
-            outputs, grads = self.pipe_buffers["outputs"][buffer_id], self.pipe_buffers["grads"][buffer_id]
-            self.pipe_buffers["grads"][buffer_id] = None
-            if torch.is_tensor(outputs):
-                outputs, grads = [outputs], [grads]
+        with ExitStack() as stack:
+            if self.is_last_stage():
+                loss = self.pipe_buffers["losses"][buffer_id]
+                outputs, grads = [stack.enter_context(compat.split_backward_loss(self, loss))], [None]
+                self.pipe_buffers["losses"][buffer_id] = None
             else:
-                outputs = [output for output in outputs if output.is_floating_point()]
-        inputs = self.pipe_buffers["inputs"][buffer_id]
-        with compat.running_engine_backward(self):
+                outputs, grads = self.pipe_buffers["outputs"][buffer_id], self.pipe_buffers["grads"][buffer_id]
+                self.pipe_buffers["grads"][buffer_id] = None
+                if torch.is_tensor(outputs):
+                    outputs, grads = [outputs], [grads]
+                else:
+                    outputs = [output for output in outputs if output.is_floating_point()]
+            inputs = self.pipe_buffers["inputs"][buffer_id]
+            stack.enter_context(compat.running_engine_backward(self))
+            self._before_backward_half()
             pending = backward_input(
                 outputs, grads, [inputs] if torch.is_tensor(inputs) else inputs, self.module.parameters()
             )
+            self._flush_low_precision_grads()
         self.pipe_buffers["pending_weight_grads"][buffer_id] = pending
 
     def _exec_backward_weight_pass(self, buffer_id: int) -> None:
-        """W: accumulate the weight gradients into ``.grad``, then free the micro-batch's activations."""
+        """W: accumulate the weight gradients into ``.grad``, then free the micro-batch's activations.
+
+        Around it, what DeepSpeed does around a backward; after the last stage's W, what ends ``engine.backward``
+        (``_backward_epilogue``: the bf16 optimizer's accumulation into its fp32 gradients, ZeRO's epilogue), once per
+        micro-batch as DeepSpeed runs it.
+        """
         if self.is_first_stage():
             return self._exec_backward_pass(buffer_id)
-        backward_weight(self.pipe_buffers["pending_weight_grads"][buffer_id])
+        with compat.running_engine_backward(self):
+            self._before_backward_half()
+            backward_weight(self.pipe_buffers["pending_weight_grads"][buffer_id])
+            if self.is_last_stage():
+                self._backward_epilogue()
+            else:
+                self._flush_low_precision_grads()
         self.pipe_buffers["pending_weight_grads"][buffer_id] = None
         self.pipe_buffers["outputs"][buffer_id] = None
         self.pipe_buffers["output_tensors"][buffer_id] = None
+
+    def _before_backward_half(self) -> None:
+        """What DeepSpeed does before each backward of a stage with its BF16_Optimizer: clear the bf16 gradients.
+        They hold nothing unaccounted for: each half ends by accumulating them (:meth:`_flush_low_precision_grads`),
+        so that every micro-batch's gradient reaches the optimizer's gradient buffer once, on its own, in the order
+        of the W passes, as one backward per micro-batch would deliver it."""
+        if self.using_bf16_optimizer:
+            self.optimizer.clear_lp_grads()
+
+    def _flush_low_precision_grads(self) -> None:
+        """What DeepSpeed does after each backward of a stage with its BF16_Optimizer: add the bf16 gradients into
+        its own (fp32, or bf16) gradient buffer, unless its gradient hooks did (``immediate_grad_update``). The
+        other optimizers accumulate in their gradient hooks (ZeRO) or in ``.grad`` (fp32, fp16) as autograd runs."""
+        if self.using_bf16_optimizer:
+            self.optimizer.update_hp_grads(clear_lp_grads=False)
 
     def _posts_own_transfers(self) -> bool:
         """Whether this engine posts the transfers itself, each on its link's channel (:mod:`.channels`).

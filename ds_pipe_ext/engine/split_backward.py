@@ -41,6 +41,8 @@ from deepspeed.runtime.activation_checkpointing import checkpointing as ds_check
 from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
 from torch.utils.checkpoint import GraphExecGroup
 
+from .. import compat
+
 __all__ = [
     "PendingWeightGrads",
     "backward_input",
@@ -164,8 +166,13 @@ def backward_weight(pending: PendingWeightGrads) -> None:
 def check_engine_can_split(engine: Any) -> None:
     """Raise unless ``engine`` (a ``PipelineEngine``) trains in a way the split backward reproduces exactly.
 
-    The split replaces DeepSpeed's fp32 backward of ZeRO stage 0; mixed precision and ZeRO add their own steps
-    around that backward (loss scaling, low-precision gradient copies, gradient hooks), which the halves skip.
+    fp32, bf16 (DeepSpeed's BF16_Optimizer, or ZeRO's optimizer), fp16 (FP16_Optimizer, or ZeRO's with its loss
+    scaler) and ZeRO stage 1 split: the engine runs around each half what DeepSpeed runs around a backward (the loss
+    scaled as ``engine.backward`` scales it, the bf16 optimizer's clearing and accumulation of its gradients, ZeRO's
+    gradient hooks and epilogue). That needs DeepSpeed 0.18.3 or later, whose backward is made of those pieces
+    (:func:`ds_pipe_ext.compat.backward_in_pieces`); before, fp16, bf16 and ZeRO run one ``optimizer.backward(loss)``.
+    Apex AMP scales inside its own context manager around the whole backward, and is refused.
+
     A reentrant activation checkpoint (DeepSpeed's default, ``deepspeed.checkpointing.checkpoint``) is one autograd
     node whose backward recomputes its layers and runs a full backward through them: it computes the weights'
     gradients inside I, and it refuses to run at all in a backward that names its inputs ("Checkpointing is not
@@ -174,27 +181,41 @@ def check_engine_can_split(engine: Any) -> None:
     engine's transport check, not this one.)
     """
     module = engine.module
-    reentrant_checkpoints = getattr(module, "activation_checkpoint_interval", 0) > 0 and not _splits_checkpoints(
+    if getattr(module, "activation_checkpoint_interval", 0) > 0 and not _splits_checkpoints(
         getattr(module, "activation_checkpoint_func", None)
-    )
-    unsupported = [
+    ):
+        raise ValueError(
+            "split-backward schedules (zb-h1, 1f1b-split, interleaved-zb, zb-v, dualpipev) cannot split a reentrant "
+            'activation checkpoint; this run has one: set "pipeline": {"use_reentrant": false} to checkpoint with '
+            "DeepSpeed's non-reentrant function, which splits, or use schedule '1f1b'"
+        )
+    stage = engine.zero_optimization_stage()
+    if stage > 1:  # PipelineEngine refuses them itself
+        raise ValueError(
+            f"split-backward schedules run ZeRO stage 0 or 1; this run has ZeRO stage {stage}: use stage 1, or "
+            "schedule '1f1b'"
+        )
+    amp = getattr(engine, "amp_enabled", None)
+    if amp is not None and amp():
+        raise ValueError(
+            "split-backward schedules cannot split apex AMP's backward (it scales the loss in a context manager "
+            'around the whole backward); this run has "amp": use "fp16" or "bf16", or schedule \'1f1b\''
+        )
+    mixed = [
         name
         for name, enabled in (
             ("fp16", engine.fp16_enabled()),
             ("bf16", engine.bfloat16_enabled()),
-            (f"ZeRO stage {engine.zero_optimization_stage()}", engine.zero_optimization_stage() > 0),
-            (
-                'reentrant activation checkpointing (set "pipeline": {"use_reentrant": false} to checkpoint '
-                "with DeepSpeed's non-reentrant function, which splits)",
-                reentrant_checkpoints,
-            ),
+            (f"ZeRO stage {stage}", stage > 0),
         )
         if enabled
     ]
-    if unsupported:
+    if mixed and not compat.backward_in_pieces():
         raise ValueError(
-            "split-backward schedules (zb-h1, 1f1b-split) run fp32 with ZeRO stage 0 only, without reentrant "
-            f"activation checkpointing; this run has {', '.join(unsupported)}: change that, or use schedule '1f1b'"
+            f"split-backward schedules run {' and '.join(mixed)} from DeepSpeed {compat.SPLIT_PRECISION_SINCE} on, "
+            f"whose backward is made of pieces they can split; this is DeepSpeed {compat.installed_deepspeed()}: "
+            f"pip install 'deepspeed>={compat.SPLIT_PRECISION_SINCE},<{compat.NEXT_MINOR[0]}.{compat.NEXT_MINOR[1]}', "
+            "run fp32 with ZeRO stage 0, or use schedule '1f1b'"
         )
 
 
