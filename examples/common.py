@@ -331,7 +331,7 @@ def train_pipe(args: argparse.Namespace, plan: RunPlan, log: dict) -> None:
         loss = engine.train_batch()
         record_step(log, step, loss.item(), time.perf_counter() - start, engine.train_batch_size(), args.steps)
         checkpoint_if_due(engine, args, plan, step, log)
-    if module.tied_comms:
+    if has_tied_copies(module):
         report_tied_weights(module, log)
     if args.trace:
         report_trace(engine.save_trace(), log)
@@ -367,6 +367,13 @@ def checkpoint_if_due(engine: Any, args: argparse.Namespace, plan: RunPlan, step
         log["checkpoints"].append(str(path))
         if dist.get_rank() == 0:
             print(f"checkpoint: {path}", flush=True)
+
+
+def has_tied_copies(module: ds_pipe_ext.PipelineModule) -> bool:
+    """Whether the pipeline keeps copies of tied layers, the same answer on every rank (``module.tied_comms`` is
+    empty on a rank holding none of them, as with the v placement's rank 1 when rank 0 holds both ends)."""
+    tied = any(isinstance(spec, deepspeed.pipe.TiedLayerSpec) for spec in module._layer_specs)
+    return tied and module._topo.get_dim("pipe") > 1
 
 
 def report_tied_weights(module: ds_pipe_ext.PipelineModule, log: dict) -> None:
