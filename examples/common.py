@@ -436,11 +436,23 @@ def peak_memory_mb() -> float:
 def run(args: argparse.Namespace, plan: RunPlan) -> None:
     """Join the process group, train as planned, write the log, and leave."""
     deepspeed.init_distributed(dist_backend=args.backend, timeout=plan.comm_timeout)
+    log = start_log(args, plan)
+    with PeerWatchdog():
+        (train_pipe if plan.pipe else train_base)(args, plan, log)
+    finish_log(args, log)
+    # Leaving gloo's process group to the interpreter's shutdown can abort a rank ("terminate called without an
+    # active exception") after its work is done; tear it down while everything is still alive.
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def start_log(args: argparse.Namespace, plan: RunPlan) -> dict:
+    """In the process group: take this rank's device, print the topology, and start the run's log."""
     args.local_rank = int(os.environ["LOCAL_RANK"])
     get_accelerator().set_device(args.local_rank)
     if dist.get_rank() == 0 and plan.topology is not None:
         print(describe(plan.topology), flush=True)
-    log = {
+    return {
         **plan.example.settings,
         "world_size": plan.world_size,
         "pipeline_parallel_size": plan.pipe,
@@ -459,8 +471,10 @@ def run(args: argparse.Namespace, plan: RunPlan) -> None:
         "checkpoints": [],
         "steps": [],
     }
-    with PeerWatchdog():
-        (train_pipe if plan.pipe else train_base)(args, plan, log)
+
+
+def finish_log(args: argparse.Namespace, log: dict) -> None:
+    """Add every rank's peak memory (a collective) and write the log to ``--log-json`` on rank 0."""
     peaks = [None] * dist.get_world_size()
     dist.all_gather_object(peaks, peak_memory_mb())
     log["peak_memory_mb_per_rank"] = peaks
@@ -468,7 +482,3 @@ def run(args: argparse.Namespace, plan: RunPlan) -> None:
         del log["print_every"]
         with open(args.log_json, "w") as f:
             json.dump(log, f, indent=1)
-    # Leaving gloo's process group to the interpreter's shutdown can abort a rank ("terminate called without an
-    # active exception") after its work is done; tear it down while everything is still alive.
-    dist.barrier()
-    dist.destroy_process_group()
