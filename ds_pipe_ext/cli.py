@@ -142,8 +142,9 @@ def _run_trace(args: argparse.Namespace) -> int:
     except FileNotFoundError as error:
         print(f"ds-pipe trace: error: {error}", file=sys.stderr)
         return 2
+    chunks = f" ({run.layout.chunks} chunks each, placed '{run.layout.placement}')" if run.layout.chunks > 1 else ""
     print(
-        f"{run.schedule}: {run.stages} stages x {run.replicas} replicas, {run.micro_batches} micro-batches, "
+        f"{run.schedule}: {run.stages} stages{chunks} x {run.replicas} replicas, {run.micro_batches} micro-batches, "
         f"{run.steps} steps traced"
     )
     report = bubble_report(run)
