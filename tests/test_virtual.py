@@ -10,6 +10,7 @@ process group, and dualpipev without its weight split with DeepSpeed 0.19.8's ow
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -31,6 +32,7 @@ from torch import nn
 
 from ds_pipe_ext import PipelineModule
 from ds_pipe_ext.cli import main
+from ds_pipe_ext.engine import SchedulePipelineEngine, pipeline_engine
 from ds_pipe_ext.observe.simulation import ideal_bubble_fraction, simulate, validate
 from ds_pipe_ext.observe.trace import bubble_report, load_trace
 from ds_pipe_ext.partition import PartitionContext
@@ -414,3 +416,17 @@ def test_a_traced_virtual_run_tells_its_chunks_apart(virtual_oracle, tmp_path, c
     assert virtual_oracle["interleaved-1f1b"]["bubble"]["predicted"] == pytest.approx(report.predicted)
     assert main(["trace", str(virtual_oracle["tmp"] / "trace"), "--out", str(tmp_path / "trace.png")]) == 0
     assert "interleaved-1f1b: 2 stages (2 chunks each, placed 'loop') x 1 replicas" in capsys.readouterr().out
+
+
+def test_the_engine_refuses_virtual_stages_where_deepspeeds_own_handlers_would_send(monkeypatch):
+    """Partitioned or dynamically shaped activations go through DeepSpeed's send and receive, which know the next
+    and the previous rank only: a virtual schedule is refused there, before the first batch."""
+    monkeypatch.setattr(pipeline_engine.dist, "get_backend", lambda: "gloo")
+    for name in VIRTUAL:
+        engine = SimpleNamespace(
+            schedule_cls=get_schedule(name), num_stages=2, micro_batches=8, _posts_own_transfers=lambda: False
+        )
+        with pytest.raises(ValueError, match=r"runs virtual stages.*Turn off activation partitioning"):
+            SchedulePipelineEngine._check_transport(engine)
+        engine._posts_own_transfers = lambda: True
+        SchedulePipelineEngine._check_transport(engine)

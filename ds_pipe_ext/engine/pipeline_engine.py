@@ -124,6 +124,13 @@ class SchedulePipelineEngine(PipelineEngine):
         posts its transfers: the simulator replays it under that model (nccl's for any backend but gloo)."""
         backend = "gloo" if dist.get_backend() == "gloo" else "nccl"
         transport = "engine" if self._posts_own_transfers() else "blocking"
+        if transport == "blocking" and getattr(self.schedule_cls, "chunks", 1) > 1:
+            raise ValueError(
+                f"schedule {self.schedule_cls.__name__} runs virtual stages, whose transfers go to the rank holding "
+                "the neighbouring stage; this run has partitioned or dynamically shaped activations, which go through "
+                "DeepSpeed's own send and receive (to the next and previous rank only). Turn off activation "
+                "partitioning and dynamic shapes, or use a schedule without virtual stages"
+            )
         try:
             validate(self.schedule_cls, self.num_stages, self.micro_batches, backend=backend, transport=transport)
         except ScheduleError as error:
