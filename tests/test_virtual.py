@@ -430,3 +430,9 @@ def test_the_engine_refuses_virtual_stages_where_deepspeeds_own_handlers_would_s
             SchedulePipelineEngine._check_transport(engine)
         engine._posts_own_transfers = lambda: True
         SchedulePipelineEngine._check_transport(engine)
+
+
+def test_eval_batch_is_refused_with_virtual_stages_until_it_has_a_schedule():
+    engine = SimpleNamespace(layout=Layout(2, 2), schedule_cls=get_schedule("interleaved-1f1b"))
+    with pytest.raises(NotImplementedError, match="no forward-only schedule exists yet"):
+        SchedulePipelineEngine.eval_batch(engine, iter([]))

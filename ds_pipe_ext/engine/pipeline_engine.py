@@ -379,6 +379,16 @@ class SchedulePipelineEngine(PipelineEngine):
                     work.wait()
         self._pending_sends.clear()
 
+    def eval_batch(self, *args: Any, **kwargs: Any) -> Any:
+        """DeepSpeed's ``eval_batch``; not yet with virtual stages, whose forward-only schedule is not written."""
+        if self.layout.chunks > 1:
+            raise NotImplementedError(
+                f"eval_batch runs DeepSpeed's InferenceSchedule, one stage per rank; this engine's schedule "
+                f"{self.schedule_cls.__name__} runs {self.layout.chunks} virtual stages per rank, for which no "
+                "forward-only schedule exists yet: evaluate with a model built without virtual stages"
+            )
+        return super().eval_batch(*args, **kwargs)
+
     def _exec_schedule(self, pipe_schedule: ds_schedule.PipeSchedule) -> None:
         """Run ``pipe_schedule``, or this engine's schedule where ``train_batch`` hands over ``TrainSchedule``."""
         if type(pipe_schedule) is ds_schedule.TrainSchedule:
