@@ -436,3 +436,22 @@ def test_eval_batch_is_refused_with_virtual_stages_until_it_has_a_schedule():
     engine = SimpleNamespace(layout=Layout(2, 2), schedule_cls=get_schedule("interleaved-1f1b"))
     with pytest.raises(NotImplementedError, match="no forward-only schedule exists yet"):
         SchedulePipelineEngine.eval_batch(engine, iter([]))
+
+
+def stages_worth_held(name: str, ranks: int, micro_batches: int, chunks: int) -> list[float]:
+    """Per rank, the most activations it holds at once, in stages' worth (a chunk's are a v-th of a stage's)."""
+    result = simulate(get_schedule(name).with_chunks(chunks), ranks, micro_batches)
+    return [peak / chunks for peak in result.peak_buffers]
+
+
+def test_the_activations_each_rank_holds_are_as_documented():
+    """docs/schedules.md and the README: with M >= 2K, rank s holds at most K + (K-1-2s)/v stages' worth of
+    activations with interleaved 1F1B, K with interleaved-zb and zb-v, K + 1/2 with dualpipev."""
+    for ranks in (2, 3, 4):
+        for micro_batches in (2 * ranks, 4 * ranks):
+            for chunks in (2, 3):
+                expected = [ranks + (ranks - 1 - 2 * s) / chunks for s in range(ranks)]
+                assert stages_worth_held("interleaved-1f1b", ranks, micro_batches, chunks) == expected
+                assert stages_worth_held("interleaved-zb", ranks, micro_batches, chunks) == [ranks] * ranks
+            assert stages_worth_held("zb-v", ranks, micro_batches, 2) == [ranks] * ranks
+            assert stages_worth_held("dualpipev", ranks, micro_batches, 2) == [ranks + 0.5] * ranks
