@@ -67,6 +67,13 @@ def _add_schedule(sub) -> None:
     )
     parser.add_argument("--stages", type=int, required=True, help="pipeline stages K")
     parser.add_argument("--micro-batches", type=int, required=True, help="micro-batches per batch M")
+    parser.add_argument(
+        "--virtual-stages",
+        type=int,
+        default=None,
+        metavar="N",
+        help="chunks per stage for a virtual-stage schedule (default: the schedule's own, 2)",
+    )
     parser.add_argument("--out", default=None, help="picture to write, .png or .svg")
     for kind, default in (("forward", 1), ("backward", 2), ("send", 0)):
         explain = f"{kind} time: one number or one per stage (default {default})"
@@ -83,6 +90,12 @@ def _run_schedule(args: argparse.Namespace) -> int:
     costs = {kind: getattr(args, f"{kind}_cost") for kind in ("forward", "backward", "send")}
     costs = {kind: value for kind, value in costs.items() if value is not None}
     try:
+        if args.virtual_stages is not None:
+            from .module import virtual_placement
+            from .schedules import get_schedule
+
+            virtual_placement(schedule, args.virtual_stages)  # a ValueError naming the fix if it cannot
+            schedule = get_schedule(schedule).with_chunks(args.virtual_stages)
         if args.out:
             from .observe.draw import draw_schedule
 
@@ -93,7 +106,11 @@ def _run_schedule(args: argparse.Namespace) -> int:
         print(f"ds-pipe schedule: error: {error}", file=sys.stderr)
         return 2
     ideal = ideal_bubble_fraction(args.stages, args.micro_batches)
-    print(f"{args.schedule}: {args.stages} stages, {args.micro_batches} micro-batches")
+    layout = result.layout
+    virtual = (
+        f" x {layout.chunks} chunks placed '{layout.placement}' ({layout.stages} in all)" if layout.chunks > 1 else ""
+    )
+    print(f"{args.schedule}: {args.stages} stages{virtual}, {args.micro_batches} micro-batches")
     print(f"bubble fraction: {result.bubble_fraction:.4f}  ((K-1)/(M+K-1) = {ideal:.4f})")
     print(f"makespan: {result.makespan:g}")
     print(f"peak buffers per stage: {' '.join(str(peak) for peak in result.peak_buffers)}")
@@ -125,8 +142,9 @@ def _run_trace(args: argparse.Namespace) -> int:
     except FileNotFoundError as error:
         print(f"ds-pipe trace: error: {error}", file=sys.stderr)
         return 2
+    chunks = f" ({run.layout.chunks} chunks each, placed '{run.layout.placement}')" if run.layout.chunks > 1 else ""
     print(
-        f"{run.schedule}: {run.stages} stages x {run.replicas} replicas, {run.micro_batches} micro-batches, "
+        f"{run.schedule}: {run.stages} stages{chunks} x {run.replicas} replicas, {run.micro_batches} micro-batches, "
         f"{run.steps} steps traced"
     )
     report = bubble_report(run)
@@ -134,7 +152,8 @@ def _run_trace(args: argparse.Namespace) -> int:
     if args.out:
         step = run.steps - 1 if args.step is None else args.step
         title = f"{run.schedule} measured, step {step}: bubble {report.measured:.3f} (theory {report.theoretical:.3f})"
-        draw_timeline(run.timeline(step, args.replica), run.stages, args.out, title=title, xlabel="seconds")
+        timeline = run.timeline(step, args.replica)
+        draw_timeline(timeline, run.stages, args.out, title=title, xlabel="seconds", layout=run.layout)
         print(f"wrote {args.out}")
     return 0
 

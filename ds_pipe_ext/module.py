@@ -20,7 +20,7 @@ from deepspeed.utils import logger
 
 from .partition import PartitionContext, SampleInput, get_partition_method, partition_report
 from .planner import auto  # noqa: F401  (registers partition_method="auto")
-from .schedules import AUTO_SCHEDULE, Layout, get_schedule, schedule_name
+from .schedules import AUTO_SCHEDULE, Layout, available_schedules, get_schedule, schedule_name
 
 _DEEPSPEED_INIT = inspect.signature(deepspeed.pipe.PipelineModule.__init__)
 
@@ -69,7 +69,7 @@ class PipelineModule(deepspeed.pipe.PipelineModule):
         ranks = topology.get_dim("pipe") if topology is not None else arguments["num_stages"]
         schedule = schedule and schedule_name(schedule)
         self.virtual_stages = virtual_stages
-        self.placement = _placement(schedule, virtual_stages)
+        self.placement = virtual_placement(schedule, virtual_stages)
         num_stages = None if ranks is None else ranks * virtual_stages
         self._partition_context = PartitionContext(
             layers=arguments["layers"],
@@ -194,22 +194,38 @@ class PipelineModule(deepspeed.pipe.PipelineModule):
             super().compile(*args, **kwargs)
 
 
-def _placement(schedule: str | None, virtual_stages: int) -> str:
-    """Where a module with ``virtual_stages`` chunks per rank places them: as ``schedule`` needs, else loop."""
+def virtual_placement(schedule: str | None, virtual_stages: int) -> str:
+    """Where a module with ``virtual_stages`` chunks per rank places them: as ``schedule`` needs, else loop; or a
+    ValueError naming the fix when the schedule cannot run that many chunks per rank (checked before any process
+    group exists, so a script can call it on its arguments)."""
     if isinstance(virtual_stages, bool) or not isinstance(virtual_stages, int) or virtual_stages < 1:
         raise ValueError(
             f"virtual_stages must be a whole number of chunks per rank, at least 1, got {virtual_stages!r}"
         )
     schedule_cls = get_schedule(schedule) if schedule and schedule.lower() != AUTO_SCHEDULE else None
     needed = getattr(schedule_cls, "chunks", 1)
+    placement = getattr(schedule_cls, "placement", "loop")
     if virtual_stages > 1 and needed == 1:
         named = f"schedule {schedule!r} runs one chunk per rank" if schedule else "no schedule is named"
+        virtual = " or ".join(repr(name) for name in virtual_schedules())
         raise ValueError(
-            f"virtual_stages={virtual_stages} needs a schedule with virtual stages ({named}): pass "
-            "schedule='interleaved-1f1b', 'interleaved-zb', 'zb-v' or 'dualpipev'"
+            f"virtual_stages={virtual_stages} needs a schedule with virtual stages ({named}): pass schedule={virtual}, "
+            "or leave virtual_stages at 1"
         )
     if needed > 1 and virtual_stages == 1:
-        raise ValueError(f"schedule {schedule!r} runs virtual stages: pass virtual_stages={needed} (or more)")
-    placement = getattr(schedule_cls, "placement", "loop")
+        how_many = f"virtual_stages={needed}" + ("" if placement == "v" else " (or more)")
+        raise ValueError(f"schedule {schedule!r} runs virtual stages: pass {how_many}")
+    if placement == "v" and virtual_stages != 2:
+        loop = [name for name in virtual_schedules() if get_schedule(name).placement == "loop"]
+        raise ValueError(
+            f"schedule {schedule!r} places two chunks per rank in a V (rank r holds stages r and 2K-1-r), not "
+            f"{virtual_stages}: pass virtual_stages=2"
+            + (f", or use {' or '.join(map(repr, loop))} for {virtual_stages} chunks per rank" if loop else "")
+        )
     Layout(1, virtual_stages, placement)  # refuses a count the placement cannot hold
     return placement
+
+
+def virtual_schedules() -> list[str]:
+    """The registered schedules that run virtual stages (more than one chunk per rank)."""
+    return [name for name in available_schedules() if getattr(get_schedule(name), "chunks", 1) > 1]

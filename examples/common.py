@@ -4,7 +4,8 @@ An example describes what it trains as an :class:`Example` (the layer list, the 
 a sample micro-batch, the loss, the data) and its own flags; everything else is here, so every example has the
 same flags and behaves the same way:
 
-- ``-p N`` stages (``-p 0``: DeepSpeed's non-pipeline engine, the baseline), ``--partition``, ``--schedule``;
+- ``-p N`` stages (``-p 0``: DeepSpeed's non-pipeline engine, the baseline), ``--partition``, ``--schedule``,
+  ``--virtual-stages`` (chunks per rank, for the virtual-stage schedules);
 - everything that can be wrong with the command line (a checkpoint to resume included) is checked on every rank
   before the first collective (:class:`RunPlan`), so a bad launch fails at once with one message instead of
   hanging;
@@ -48,9 +49,11 @@ from ds_pipe_ext.checkpoint import (
     save_checkpoint,
 )
 from ds_pipe_ext.config import gradient_accumulation_steps, load_config, resolve_schedule
+from ds_pipe_ext.module import virtual_placement
 from ds_pipe_ext.observe.trace import bubble_report, load_trace
 from ds_pipe_ext.partition import PartitionContext, get_partition_method
 from ds_pipe_ext.planner import auto  # noqa: F401  (registers --partition auto)
+from ds_pipe_ext.schedules import AUTO_SCHEDULE, Layout, get_schedule
 from ds_pipe_ext.topology import describe, make_topology
 from ds_pipe_ext.watchdog import PeerWatchdog
 
@@ -107,6 +110,15 @@ def argument_parser(description: str) -> argparse.ArgumentParser:
         "DeepSpeed's untouched engine, or 'auto' with --partition auto (default: the config's pipeline.schedule, "
         "else 1f1b)",
     )
+    parser.add_argument(
+        "--virtual-stages",
+        type=int,
+        default=None,
+        metavar="N",
+        help="model chunks per pipeline rank, for the virtual-stage schedules (interleaved-1f1b, interleaved-zb, "
+        "zb-v, dualpipev): the model is cut into -p x N stages (default: the schedule's own count, 2; 1 for the "
+        "others)",
+    )
     parser.add_argument("--log-json", default=None, help="rank 0 writes the run's settings and per-step losses here")
     parser.add_argument(
         "--trace",
@@ -154,15 +166,19 @@ class RunPlan:
             self.topology = make_topology(self.world_size, self.pipe)
             self.data_parallel = self.world_size // self.pipe
             self.schedule = resolve_schedule(args.schedule, self.config)
+            self.virtual_stages = self._virtual_stages(args)
             if args.trace and self.schedule == "deepspeed":
                 raise ValueError(
                     "--trace times instructions in ds_pipe_ext's engine: use --schedule 1f1b (the same "
                     "instructions as DeepSpeed's built-in) instead of --schedule deepspeed"
                 )
         else:
+            if args.virtual_stages is not None:
+                raise ValueError("--virtual-stages cuts a pipeline's stages into chunks: use it with -p 1 or more")
             self.topology = None
             self.data_parallel = self.world_size
             self.schedule = None
+            self.virtual_stages = None
         self.micro_batches = gradient_accumulation_steps(self.config, self.data_parallel)
         self.micro_batch = self.config.get("train_micro_batch_size_per_gpu") or (
             self.config["train_batch_size"] // (self.micro_batches * self.data_parallel)
@@ -173,7 +189,8 @@ class RunPlan:
         if self.pipe:
             context = PartitionContext(
                 layers=self.meta_network,
-                num_stages=self.pipe,
+                num_stages=self.pipe * self.virtual_stages,
+                virtual_stages=self.virtual_stages,
                 sample_input=self.sample_input,
                 micro_batches=self.micro_batches,
                 schedule=self.schedule,
@@ -182,6 +199,16 @@ class RunPlan:
         self.comm_timeout = self._comm_timeout(args)
         self.save_interval = self._save_interval(args)
         self.resume = self._checkpoint_to_resume(args)
+
+    def _virtual_stages(self, args: argparse.Namespace) -> int:
+        """Chunks per rank: ``--virtual-stages``, else as many as the schedule runs by default (1 for a schedule
+        without virtual stages); checked against the schedule (``ds_pipe_ext.module.virtual_placement``)."""
+        schedule = None if self.schedule == AUTO_SCHEDULE else get_schedule(self.schedule)
+        chunks = args.virtual_stages if args.virtual_stages is not None else getattr(schedule, "chunks", 1)
+        if isinstance(chunks, int) and chunks < 1:
+            raise ValueError(f"--virtual-stages must be at least 1 chunk per rank, got {chunks}")
+        self.placement = virtual_placement(self.schedule, chunks)
+        return chunks
 
     def sample_input(self) -> Any:
         """A micro-batch of this run's size, for the partition methods that run the layers on its shapes."""
@@ -280,9 +307,12 @@ def train_pipe(args: argparse.Namespace, plan: RunPlan, log: dict) -> None:
         sample_input=plan.sample_input,
         micro_batches=plan.micro_batches,
         schedule=plan.schedule,
+        virtual_stages=plan.virtual_stages,
         **plan.example.pipeline_options,
     )
     log["stage_boundaries"] = list(module.parts)
+    if plan.virtual_stages > 1 and dist.get_rank() == 0:
+        print(describe_virtual_stages(module.layout), flush=True)
     log["schedule"] = module.schedule  # with --schedule auto, the planner's choice
     trainset = build_data(plan)
     engine, _, _, _ = ds_pipe_ext.initialize(
@@ -301,10 +331,19 @@ def train_pipe(args: argparse.Namespace, plan: RunPlan, log: dict) -> None:
         loss = engine.train_batch()
         record_step(log, step, loss.item(), time.perf_counter() - start, engine.train_batch_size(), args.steps)
         checkpoint_if_due(engine, args, plan, step, log)
-    if module.tied_comms:
+    if has_tied_copies(module):
         report_tied_weights(module, log)
     if args.trace:
         report_trace(engine.save_trace(), log)
+
+
+def describe_virtual_stages(layout: Layout) -> str:
+    """One line: how many chunks each rank holds, how they are placed, and which stages each rank holds."""
+    held = "; ".join(
+        f"rank {rank}: stages {', '.join(str(layout.stage(rank, chunk)) for chunk in range(layout.chunks))}"
+        for rank in range(layout.ranks)
+    )
+    return f"virtual stages: {layout.chunks} per rank, {layout.stages} stages placed '{layout.placement}' ({held})"
 
 
 def resume(engine: Any, plan: RunPlan, log: dict) -> int:
@@ -328,6 +367,13 @@ def checkpoint_if_due(engine: Any, args: argparse.Namespace, plan: RunPlan, step
         log["checkpoints"].append(str(path))
         if dist.get_rank() == 0:
             print(f"checkpoint: {path}", flush=True)
+
+
+def has_tied_copies(module: ds_pipe_ext.PipelineModule) -> bool:
+    """Whether the pipeline keeps copies of tied layers, the same answer on every rank (``module.tied_comms`` is
+    empty on a rank holding none of them, as with the v placement's rank 1 when rank 0 holds both ends)."""
+    tied = any(isinstance(spec, deepspeed.pipe.TiedLayerSpec) for spec in module._layer_specs)
+    return tied and module._topo.get_dim("pipe") > 1
 
 
 def report_tied_weights(module: ds_pipe_ext.PipelineModule, log: dict) -> None:
@@ -390,11 +436,23 @@ def peak_memory_mb() -> float:
 def run(args: argparse.Namespace, plan: RunPlan) -> None:
     """Join the process group, train as planned, write the log, and leave."""
     deepspeed.init_distributed(dist_backend=args.backend, timeout=plan.comm_timeout)
+    log = start_log(args, plan)
+    with PeerWatchdog():
+        (train_pipe if plan.pipe else train_base)(args, plan, log)
+    finish_log(args, log)
+    # Leaving gloo's process group to the interpreter's shutdown can abort a rank ("terminate called without an
+    # active exception") after its work is done; tear it down while everything is still alive.
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def start_log(args: argparse.Namespace, plan: RunPlan) -> dict:
+    """In the process group: take this rank's device, print the topology, and start the run's log."""
     args.local_rank = int(os.environ["LOCAL_RANK"])
     get_accelerator().set_device(args.local_rank)
     if dist.get_rank() == 0 and plan.topology is not None:
         print(describe(plan.topology), flush=True)
-    log = {
+    return {
         **plan.example.settings,
         "world_size": plan.world_size,
         "pipeline_parallel_size": plan.pipe,
@@ -402,6 +460,7 @@ def run(args: argparse.Namespace, plan: RunPlan) -> None:
         "partition": args.partition if plan.pipe else None,
         "stage_boundaries": None,
         "schedule": plan.schedule,
+        "virtual_stages": plan.virtual_stages,
         "micro_batches": plan.micro_batches,
         "micro_batch_size": plan.micro_batch,
         "train_batch_size": plan.train_batch,
@@ -412,8 +471,10 @@ def run(args: argparse.Namespace, plan: RunPlan) -> None:
         "checkpoints": [],
         "steps": [],
     }
-    with PeerWatchdog():
-        (train_pipe if plan.pipe else train_base)(args, plan, log)
+
+
+def finish_log(args: argparse.Namespace, log: dict) -> None:
+    """Add every rank's peak memory (a collective) and write the log to ``--log-json`` on rank 0."""
     peaks = [None] * dist.get_world_size()
     dist.all_gather_object(peaks, peak_memory_mb())
     log["peak_memory_mb_per_rank"] = peaks
@@ -421,7 +482,3 @@ def run(args: argparse.Namespace, plan: RunPlan) -> None:
         del log["print_every"]
         with open(args.log_json, "w") as f:
             json.dump(log, f, indent=1)
-    # Leaving gloo's process group to the interpreter's shutdown can abort a rank ("terminate called without an
-    # active exception") after its work is done; tear it down while everything is still alive.
-    dist.barrier()
-    dist.destroy_process_group()

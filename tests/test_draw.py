@@ -13,7 +13,7 @@ from matplotlib.colors import to_rgb
 from matplotlib.image import imread
 
 from ds_pipe_ext.cli import main
-from ds_pipe_ext.observe.draw import BOX_COLOURS, draw_schedule, draw_timeline
+from ds_pipe_ext.observe.draw import BOX_COLOURS, box_colour, draw_schedule, draw_timeline
 from ds_pipe_ext.observe.simulation import TimelineEvent, ideal_bubble_fraction, simulate
 
 REGISTERED = "1f1b, 1f1b-split, deepspeed, dualpipev, gpipe, interleaved-1f1b, interleaved-zb, zb-h1, zb-v"
@@ -46,6 +46,44 @@ def test_svg_labels_every_box_with_its_micro_batch(tmp_path):
         assert 2 * stages <= labels[micro_batch] <= 2 * stages + 1
     title = next(text for text in texts if text and "bubble" in text)
     assert f"{ideal_bubble_fraction(stages, micro_batches):.3f}" in title
+
+
+def test_virtual_stages_are_shaded_per_chunk_and_rows_name_their_stages(tmp_path):
+    """interleaved-1f1b on 2 ranks x 2 chunks: each rank's row names the stages it holds, each chunk has a shade of
+    its own (in the picture and the legend), and every box still carries its micro-batch."""
+    stages, micro_batches = 2, 4
+    svg = tmp_path / "interleaved.svg"
+    result = draw_schedule("interleaved-1f1b", stages, micro_batches, svg)
+    texts = [element.text for element in ElementTree.parse(svg).iter() if element.tag.endswith("text") and element.text]
+    assert {"rank 0: stages 0, 2", "rank 1: stages 1, 3"} <= set(texts)
+    assert {f"{kind}, chunk {chunk}" for kind in ("ForwardPass", "BackwardPass") for chunk in (0, 1)} <= set(texts)
+    assert any("K=2 ranks x 2 chunks (loop)" in text for text in texts)
+    labels = Counter(int(text) for text in texts if text.strip().isdigit())
+    for micro_batch in range(micro_batches):  # F and B on 2 chunks of 2 ranks; maybe one axis tick too
+        assert 8 <= labels[micro_batch] <= 9
+    image = imread(draw_timeline(result.timeline, stages, tmp_path / "interleaved.png", layout=result.layout))
+    shades = [pixels_of(image, box_colour(ForwardPass, chunk, 2)) for chunk in (0, 1)]
+    assert box_colour(ForwardPass, 0, 2) == BOX_COLOURS[ForwardPass] != box_colour(ForwardPass, 1, 2)
+    assert shades[0] > 1000 and shades[1] == pytest.approx(shades[0], rel=0.1)  # as many forwards on each chunk
+
+
+def test_chunks_without_a_layout_still_get_their_shades_and_rank_rows(tmp_path):
+    events = [TimelineEvent(0, ForwardPass, 0, 0.0, 1.0, chunk=0), TimelineEvent(0, ForwardPass, 0, 1.0, 2.0, chunk=1)]
+    svg = draw_timeline(events, 1, tmp_path / "chunks.svg")
+    texts = {element.text for element in ElementTree.parse(svg).iter() if element.tag.endswith("text")}
+    assert {"rank 0", "ForwardPass, chunk 0", "ForwardPass, chunk 1"} <= texts
+
+
+def test_cli_draws_a_virtual_schedule_with_more_chunks(tmp_path, capsys):
+    args = ["schedule", "--schedule", "interleaved-1f1b", "--virtual-stages", "3", "--stages", "2"]
+    assert main([*args, "--micro-batches", "4", "--out", str(tmp_path / "i3.svg")]) == 0
+    out = capsys.readouterr().out
+    assert "interleaved-1f1b: 2 stages x 3 chunks placed 'loop' (6 in all), 4 micro-batches" in out
+    assert "rank 1: stages 1, 3, 5" in (tmp_path / "i3.svg").read_text()
+    assert (
+        main(["schedule", "--schedule", "zb-v", "--virtual-stages", "3", "--stages", "2", "--micro-batches", "4"]) == 2
+    )
+    assert "pass virtual_stages=2" in capsys.readouterr().err
 
 
 def test_traced_timelines_in_seconds_are_drawn(tmp_path):

@@ -21,7 +21,7 @@ def traced_simulation(tmp_path, schedule: str, stages: int, micro_batches: int, 
     result = simulate(schedule, stages, micro_batches, costs=COSTS)
     ranks = []
     for stage in range(stages):
-        tracer = InstructionTracer(tmp_path, schedule, rank=stage, stage=stage, replica=0)
+        tracer = InstructionTracer(tmp_path, schedule, rank=stage, stage=stage, replica=0, layout=result.layout)
         tracer.origin = 0.0
         instructions = [
             cmd
@@ -37,7 +37,7 @@ def traced_simulation(tmp_path, schedule: str, stages: int, micro_batches: int, 
                 assert event.instruction is type(cmd)
                 tracer.record(cmd, offset + event.start, offset + event.end)
         ranks.append({"rank": stage, "stage": stage, "replica": 0, "events": tracer.events})
-    (tmp_path / "trace.json").write_text(json.dumps(chrome_trace(ranks, schedule)))
+    (tmp_path / "trace.json").write_text(json.dumps(chrome_trace(ranks, schedule, result.layout)))
     return result
 
 
@@ -52,6 +52,31 @@ def test_measured_bubble_of_a_simulated_trace_is_the_simulators(tmp_path, schedu
     assert report.forward_cost == pytest.approx(COSTS["forward"])
     assert report.backward_cost == pytest.approx(COSTS["backward"])
     assert report.theoretical == pytest.approx(1 / 7)
+
+
+@pytest.mark.parametrize("schedule", ["interleaved-1f1b", "zb-v"])
+def test_a_virtual_schedules_trace_keeps_its_chunks_and_costs_per_stage(tmp_path, schedule):
+    """Each rank runs every micro-batch once per chunk; the trace says which chunk ran what, the costs come back
+    per stage of the model, and the prediction replays the traced chunk count."""
+    result = traced_simulation(tmp_path, schedule, stages=2, micro_batches=6)
+    run = load_trace(tmp_path)
+    assert (run.stages, run.micro_batches, run.layout) == (2, 6, result.layout) and run.layout.chunks == 2
+    for stage in (0, 1):
+        for chunk in (0, 1):
+            forwards = [e.micro_batch for e in run.timeline(1) if (e.stage, e.chunk, e.instruction) == (
+                stage, chunk, ds.ForwardPass)]  # fmt: skip
+            assert forwards == list(range(6))
+    report = bubble_report(run)
+    assert report.measured == pytest.approx(result.bubble_fraction)
+    assert report.predicted == pytest.approx(result.bubble_fraction)
+    owner = [run.layout.location(stage)[0] for stage in range(4)]
+    assert report.forward_cost == pytest.approx([COSTS["forward"][rank] for rank in owner])
+    assert report.backward_cost == pytest.approx([COSTS["backward"][rank] for rank in owner])
+    assert "K=2, 2 virtual stages per rank, M=6" in report.format() and "rank 1:" in report.format()
+    threads = [e["args"]["name"] for e in json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
+               if e["name"] == "thread_name"]  # fmt: skip
+    holds = "1, 3" if result.layout.placement == "loop" else "1, 2"
+    assert threads[1] == f"rank 1: pipeline rank 1 (stages {holds}), replica 0"
 
 
 def test_tracer_labels_micro_batches_through_buffers(tmp_path):

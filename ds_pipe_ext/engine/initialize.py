@@ -88,17 +88,18 @@ def initialize(
         )
 
     engine, engine_optimizer, loader, scheduler = deepspeed.initialize(**ds_kwargs)
+    schedule_cls = get_schedule(name)
+    chunks = getattr(model, "virtual_stages", 1)
+    if chunks > 1:
+        schedule_cls = schedule_cls.with_chunks(chunks)
     tracer = None
     if trace_dir is not None:
         from deepspeed import comm as dist
 
         from ..observe.trace import InstructionTracer
 
-        tracer = InstructionTracer.for_rank(trace_dir, name, model._topo, dist.get_rank())
-    schedule_cls = get_schedule(name)
-    chunks = getattr(model, "virtual_stages", 1)
-    if chunks > 1:
-        schedule_cls = schedule_cls.with_chunks(chunks)
+        layout = getattr(model, "layout", None)
+        tracer = InstructionTracer.for_rank(trace_dir, name, model._topo, dist.get_rank(), layout)
     SchedulePipelineEngine.adopt(engine, schedule_cls, tracer)
     if tracer is not None:
         tracer.align()

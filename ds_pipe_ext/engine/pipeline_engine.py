@@ -124,6 +124,13 @@ class SchedulePipelineEngine(PipelineEngine):
         posts its transfers: the simulator replays it under that model (nccl's for any backend but gloo)."""
         backend = "gloo" if dist.get_backend() == "gloo" else "nccl"
         transport = "engine" if self._posts_own_transfers() else "blocking"
+        if transport == "blocking" and getattr(self.schedule_cls, "chunks", 1) > 1:
+            raise ValueError(
+                f"schedule {self.schedule_cls.__name__} runs virtual stages, whose transfers go to the rank holding "
+                "the neighbouring stage; this run has partitioned or dynamically shaped activations, which go through "
+                "DeepSpeed's own send and receive (to the next and previous rank only). Turn off activation "
+                "partitioning and dynamic shapes, or use a schedule without virtual stages"
+            )
         try:
             validate(self.schedule_cls, self.num_stages, self.micro_batches, backend=backend, transport=transport)
         except ScheduleError as error:
@@ -405,6 +412,16 @@ class SchedulePipelineEngine(PipelineEngine):
                 for work in works:
                     work.wait()
         self._pending_sends.clear()
+
+    def eval_batch(self, *args: Any, **kwargs: Any) -> Any:
+        """DeepSpeed's ``eval_batch``; not yet with virtual stages, whose forward-only schedule is not written."""
+        if self.layout.chunks > 1:
+            raise NotImplementedError(
+                f"eval_batch runs DeepSpeed's InferenceSchedule, one stage per rank; this engine's schedule "
+                f"{self.schedule_cls.__name__} runs {self.layout.chunks} virtual stages per rank, for which no "
+                "forward-only schedule exists yet: evaluate with a model built without virtual stages"
+            )
+        return super().eval_batch(*args, **kwargs)
 
     def _exec_schedule(self, pipe_schedule: ds_schedule.PipeSchedule) -> None:
         """Run ``pipe_schedule``, or this engine's schedule where ``train_batch`` hands over ``TrainSchedule``."""

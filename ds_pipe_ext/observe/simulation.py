@@ -195,6 +195,11 @@ class SimulationResult:
     timeline: list[TimelineEvent]
     peak_buffers: list[int]  # per stage: most micro-batches forwarded but not yet backwarded at once
     peak_per_stage: list[int]  # the same per global stage (with virtual stages, per chunk)
+    layout: Layout | None = None  # which chunks (virtual stages) each stage holds; None: one each
+
+    def __post_init__(self) -> None:
+        if self.layout is None:
+            object.__setattr__(self, "layout", Layout(self.stages))
 
     @property
     def makespan(self) -> float:
@@ -294,7 +299,7 @@ def simulate(
     layout = getattr(schedule_class(micro_batches=micro_batches, stages=stages, stage_id=0), "layout", None)
     per_stage = _per_stage_costs(costs or {}, layout or Layout(stages))
     timeline, peaks, chunk_peaks = _replay(schedule_class, stages, micro_batches, per_stage, backend, transport)
-    return SimulationResult(stages, micro_batches, timeline, peaks, chunk_peaks)
+    return SimulationResult(stages, micro_batches, timeline, peaks, chunk_peaks, layout)
 
 
 def _schedule_class(schedule: str | type[PipeSchedule]) -> type[PipeSchedule]:

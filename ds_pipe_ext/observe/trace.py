@@ -20,8 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from deepspeed.runtime.pipe.schedule import ForwardPass, LoadMicroBatch, OptimizerStep, PipeInstruction, RecvActivation
+from deepspeed.runtime.pipe.schedule import (
+    ForwardPass,
+    LoadMicroBatch,
+    OptimizerStep,
+    PipeInstruction,
+    PipeSchedule,
+    RecvActivation,
+)
 
+from ..schedules import Layout, get_schedule
 from .simulation import INSTRUCTION_SPECS, TimelineEvent, ideal_bubble_fraction, simulate, stage_bubble_fractions
 
 TRACE_FILE = "trace.json"
@@ -31,28 +39,44 @@ _BUFFER_FILLS = (LoadMicroBatch, RecvActivation)
 
 
 class InstructionTracer:
-    """Records (instruction, micro-batch, start, end) on one rank; cheap enough to leave on (see bench/)."""
+    """Records (instruction, micro-batch, start, end, chunk) on one rank; cheap enough to leave on (see bench/).
 
-    def __init__(self, directory: str | Path, schedule: str, rank: int, stage: int, replica: int, synchronize=None):
+    ``layout`` is where the run's stages live (with virtual stages, which chunks each rank holds); the trace file
+    keeps it, so the micro-batches, costs and pictures of a traced run are told apart per chunk.
+    """
+
+    def __init__(
+        self,
+        directory: str | Path,
+        schedule: str,
+        rank: int,
+        stage: int,
+        replica: int,
+        synchronize=None,
+        layout: Layout | None = None,
+    ):
         self.directory = Path(directory)
         self.schedule = schedule
         self.rank, self.stage, self.replica = rank, stage, replica
+        self.layout = layout
         self.synchronize = synchronize or (lambda: None)
-        self.events: list[tuple[str, int | None, int | None, int, float, float]] = []
+        self.events: list[tuple[str, int | None, int | None, int, float, float, int]] = []
         self.origin = time.perf_counter()
         self._step = 0
-        self._forwards = 0
+        self._forwards: dict[int, int] = defaultdict(int)  # per chunk
         self._buffer_micro_batch: dict[int, int] = {}
 
     @classmethod
-    def for_rank(cls, directory: str | Path, schedule: str, topology: Any, rank: int) -> InstructionTracer:
+    def for_rank(
+        cls, directory: str | Path, schedule: str, topology: Any, rank: int, layout: Layout | None = None
+    ) -> InstructionTracer:
         """A tracer for ``rank`` of ``topology``, synchronising the accelerator around instructions."""
         from deepspeed.accelerator import get_accelerator
 
         coord = topology.get_coord(rank)
         accelerator = get_accelerator()
         sync = None if accelerator.device_name() == "cpu" else accelerator.synchronize
-        return cls(directory, schedule, rank, coord.pipe, getattr(coord, "data", 0), sync)
+        return cls(directory, schedule, rank, coord.pipe, getattr(coord, "data", 0), sync, layout)
 
     def align(self) -> None:
         """Start the clock right after a barrier, so the ranks' timelines line up."""
@@ -63,19 +87,20 @@ class InstructionTracer:
 
     def record(self, instruction: PipeInstruction, start: float, end: float) -> None:
         buffer_id = getattr(instruction, "buffer_id", None)
+        chunk = instruction.kwargs.get("chunk", 0)
         if isinstance(instruction, _BUFFER_FILLS):
-            micro_batch = self._forwards
+            micro_batch = self._forwards[chunk]
         elif isinstance(instruction, ForwardPass):
-            micro_batch = self._forwards
-            self._buffer_micro_batch[buffer_id] = micro_batch
-            self._forwards += 1
+            micro_batch = self._forwards[chunk]
+            self._buffer_micro_batch[buffer_id] = micro_batch  # each chunk has buffers of its own
+            self._forwards[chunk] += 1
         else:
             micro_batch = self._buffer_micro_batch.get(buffer_id)
         name = type(instruction).__name__
-        self.events.append((name, buffer_id, micro_batch, self._step, start - self.origin, end - self.origin))
+        self.events.append((name, buffer_id, micro_batch, self._step, start - self.origin, end - self.origin, chunk))
         if isinstance(instruction, OptimizerStep):
             self._step += 1
-            self._forwards = 0
+            self._forwards.clear()
             self._buffer_micro_batch.clear()
 
     def save(self) -> Path | None:
@@ -89,19 +114,27 @@ class InstructionTracer:
             return None
         path = self.directory / TRACE_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(chrome_trace(gathered, self.schedule)))
+        path.write_text(json.dumps(chrome_trace(gathered, self.schedule, self.layout)))
         return path
 
 
-def chrome_trace(ranks: list[dict], schedule: str) -> dict:
-    """Chrome trace-event JSON: one thread per rank, one complete event ("X") per instruction, times in us."""
+def chrome_trace(ranks: list[dict], schedule: str, layout: Layout | None = None) -> dict:
+    """Chrome trace-event JSON: one thread per rank, one complete event ("X") per instruction, times in us.
+
+    ``stage`` in an event's arguments is the pipeline rank's place in the pipeline; with virtual stages (a
+    ``layout`` of several chunks per rank) ``chunk`` says which of the rank's chunks ran it and ``global_stage``
+    which stage of the model that is, and the trace keeps the layout."""
     events = []
+    virtual = layout is not None and layout.chunks > 1
     for info in ranks:
         rank = info["rank"]
         label = f"rank {rank}: stage {info['stage']}, replica {info['replica']}"
+        if virtual:
+            held = ", ".join(str(layout.stage(info["stage"], chunk)) for chunk in range(layout.chunks))
+            label = f"rank {rank}: pipeline rank {info['stage']} (stages {held}), replica {info['replica']}"
         events.append({"name": "thread_name", "ph": "M", "pid": 0, "tid": rank, "args": {"name": label}})
         events.append({"name": "thread_sort_index", "ph": "M", "pid": 0, "tid": rank, "args": {"sort_index": rank}})
-        for name, buffer_id, micro_batch, step, start, end in info["events"]:
+        for name, buffer_id, micro_batch, step, start, end, *chunk in info["events"]:
             args = {
                 "stage": info["stage"],
                 "replica": info["replica"],
@@ -109,6 +142,9 @@ def chrome_trace(ranks: list[dict], schedule: str) -> dict:
                 "buffer_id": buffer_id,
                 "micro_batch": micro_batch,
             }
+            if virtual:
+                args["chunk"] = chunk[0] if chunk else 0
+                args["global_stage"] = layout.stage(info["stage"], args["chunk"])
             events.append(
                 {
                     "name": name,
@@ -120,12 +156,16 @@ def chrome_trace(ranks: list[dict], schedule: str) -> dict:
                     "args": args,
                 }
             )
-    return {"traceEvents": events, "displayTimeUnit": "ms", "otherData": {"schedule": schedule}}
+    other = {"schedule": schedule}
+    if virtual:
+        other["layout"] = {"ranks": layout.ranks, "chunks": layout.chunks, "placement": layout.placement}
+    return {"traceEvents": events, "displayTimeUnit": "ms", "otherData": other}
 
 
 @dataclass(frozen=True)
 class TracedRun:
-    """A loaded trace: events per (step, replica) as simulator-style timelines, in seconds."""
+    """A loaded trace: events per (step, replica) as simulator-style timelines, in seconds. ``stages`` counts
+    pipeline ranks; ``layout`` says which chunks (virtual stages) each holds."""
 
     schedule: str
     stages: int
@@ -133,6 +173,16 @@ class TracedRun:
     steps: int
     micro_batches: int
     timelines: dict[tuple[int, int], list[TimelineEvent]]
+    layout: Layout | None = None
+
+    def __post_init__(self) -> None:
+        if self.layout is None:
+            object.__setattr__(self, "layout", Layout(self.stages))
+
+    def schedule_class(self) -> type[PipeSchedule]:
+        """The traced schedule, with the run's chunks per rank."""
+        schedule = get_schedule(self.schedule)
+        return schedule.with_chunks(self.layout.chunks) if self.layout.chunks > 1 else schedule
 
     def timeline(self, step: int, replica: int = 0) -> list[TimelineEvent]:
         """The pipelined part of one step on one replica (no gradient reduction or optimizer step)."""
@@ -158,17 +208,24 @@ def load_trace(directory: str | Path) -> TracedRun:
             continue
         start = event["ts"] / 1e6
         timelines[(args["step"], args["replica"])].append(
-            TimelineEvent(args["stage"], instruction, args["micro_batch"], start, start + event["dur"] / 1e6)
+            TimelineEvent(
+                args["stage"], instruction, args["micro_batch"], start, start + event["dur"] / 1e6, args.get("chunk", 0)
+            )
         )
     complete = {key: sorted(events, key=lambda e: e.start) for key, events in timelines.items() if key[0] < steps}
-    forwards = [e for e in complete.get((0, 0), []) if e.instruction is ForwardPass and e.stage == 0]
-    return TracedRun(trace["otherData"]["schedule"], stages, replicas, steps, len(forwards), complete)
+    forwards = [e for e in complete.get((0, 0), []) if e.instruction is ForwardPass and (e.stage, e.chunk) == (0, 0)]
+    layout = trace["otherData"].get("layout")
+    layout = Layout(**layout) if layout else Layout(stages)
+    return TracedRun(trace["otherData"]["schedule"], stages, replicas, steps, len(forwards), complete, layout)
 
 
 @dataclass(frozen=True)
 class BubbleReport:
     """Measured bubble of a traced run next to (K-1)/(M+K-1) (GPipe's and 1F1B's, with equal stages) and the
-    simulator's prediction for the run's schedule from its measured per-stage pass times."""
+    simulator's prediction for the run's schedule from its measured per-stage pass times.
+
+    The bubble is per pipeline rank; with virtual stages (``chunks`` per rank) the pass costs are per stage of the
+    model, each of the ``chunks x stages`` stages."""
 
     stages: int
     micro_batches: int
@@ -179,15 +236,18 @@ class BubbleReport:
     forward_cost: list[float]
     backward_cost: list[float]
     send_cost: float
+    chunks: int = 1
 
     def format(self) -> str:
-        per_stage = ", ".join(f"stage {s}: {b:.3f}" for s, b in enumerate(self.measured_per_stage))
+        rank = "rank" if self.chunks > 1 else "stage"
+        per_stage = ", ".join(f"{rank} {s}: {b:.3f}" for s, b in enumerate(self.measured_per_stage))
         costs = ", ".join(
             f"stage {s}: forward {f * 1e3:.1f} ms, backward {b * 1e3:.1f} ms"
             for s, (f, b) in enumerate(zip(self.forward_cost, self.backward_cost))
         )
+        virtual = f", {self.chunks} virtual stages per rank" if self.chunks > 1 else ""
         return (
-            f"bubble (K={self.stages}, M={self.micro_batches}): measured {self.measured:.3f} ({per_stage}); "
+            f"bubble (K={self.stages}{virtual}, M={self.micro_batches}): measured {self.measured:.3f} ({per_stage}); "
             f"GPipe/1F1B theory (K-1)/(M+K-1) {self.theoretical:.3f}; "
             f"simulator from measured costs {self.predicted:.3f}\n"
             f"measured costs per micro-batch: {costs}; send {self.send_cost * 1e3:.2f} ms"
@@ -210,8 +270,8 @@ def bubble_report(run: TracedRun, skip_steps: int = 1) -> BubbleReport:
     forward_cost = INSTRUCTION_SPECS[ForwardPass].cost
     forward = costs[forward_cost]
     backward = [sum(per_stage) for per_stage in zip(*(v for k, v in costs.items() if k != forward_cost))]
-    costs["send"] = transfer_time(run.timelines[key] for key in keys)
-    predicted = simulate(run.schedule, run.stages, run.micro_batches, costs=costs).bubble_fraction
+    costs["send"] = transfer_time((run.timelines[key] for key in keys), run.layout)
+    predicted = simulate(run.schedule_class(), run.stages, run.micro_batches, costs=costs).bubble_fraction
     return BubbleReport(
         run.stages,
         run.micro_batches,
@@ -222,6 +282,7 @@ def bubble_report(run: TracedRun, skip_steps: int = 1) -> BubbleReport:
         forward,
         backward,
         costs["send"],
+        run.layout.chunks,
     )
 
 
@@ -236,32 +297,43 @@ _SENDS = {
 _SEND_CLASSES = {send for send, _ in _SENDS.values()}
 
 
-def transfer_time(timelines: Iterable[Sequence[TimelineEvent]]) -> float:
+def transfer_time(timelines: Iterable[Sequence[TimelineEvent]], layout: Layout | None = None) -> float:
     """The median time a tensor takes to arrive once both ends have reached the transfer: a receive ends that long
-    after the later of its own start and its send's (sends do not wait, so the send's end says nothing)."""
+    after the later of its own start and its send's (sends do not wait, so the send's end says nothing). With
+    virtual stages (``layout``) the sender is the rank and chunk holding the neighbouring stage; a hand-over between
+    two chunks of one rank is no transfer and is left out."""
     times = []
     for timeline in timelines:
-        sends = {(e.stage, e.instruction, e.micro_batch): e for e in timeline if e.instruction in _SEND_CLASSES}
+        where = layout or Layout(1 + max((e.stage for e in timeline), default=0))
+        sends = {
+            (e.stage, e.chunk, e.instruction, e.micro_batch): e for e in timeline if e.instruction in _SEND_CLASSES
+        }
         for receive in timeline:
             if receive.instruction in _SENDS:
                 send_class, peer = _SENDS[receive.instruction]
-                send = sends.get((receive.stage + peer, send_class, receive.micro_batch))
-                if send is not None:
+                neighbour = where.stage(receive.stage, receive.chunk) + peer
+                if not 0 <= neighbour < where.stages:
+                    continue
+                rank, chunk = where.location(neighbour)
+                send = sends.get((rank, chunk, send_class, receive.micro_batch))
+                if send is not None and rank != receive.stage:
                     times.append(max(0.0, receive.end - max(receive.start, send.start)))
     return statistics.median(times) if times else 0.0
 
 
 def _median_cost(run: TracedRun, keys: list[tuple[int, int]], instruction: type[PipeInstruction]) -> list[float]:
-    """Per stage, the median over micro-batches of the time spent in ``instruction``.
+    """Per stage (with virtual stages, per stage of the model), the median over micro-batches of the time spent in
+    ``instruction``.
 
     The median, not the mean: one descheduled instruction on a shared machine should not move the prediction.
     """
-    per_micro_batch: dict[tuple[int, int, int, int | None], float] = defaultdict(float)
+    per_micro_batch: dict[tuple[int, int, int, int, int | None], float] = defaultdict(float)
     for step, replica in keys:
         for event in run.timelines[(step, replica)]:
             if event.instruction is instruction:
-                per_micro_batch[(event.stage, step, replica, event.micro_batch)] += event.end - event.start
+                key = (event.stage, event.chunk, step, replica, event.micro_batch)
+                per_micro_batch[key] += event.end - event.start
     return [
-        statistics.median([t for (stage, *_), t in per_micro_batch.items() if stage == s] or [0.0])
-        for s in range(run.stages)
+        statistics.median([t for (rank, chunk, *_), t in per_micro_batch.items() if (rank, chunk) == held] or [0.0])
+        for held in map(run.layout.location, range(run.layout.stages))
     ]

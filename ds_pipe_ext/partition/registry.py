@@ -50,6 +50,19 @@ class PartitionSpec:
 
     def check(self, ctx: PartitionContext) -> None:
         """Everything that can be wrong with the spec, the stage count and the inputs, without measuring."""
+        if ctx.virtual_stages > 1 and ctx.num_stages > len(ctx.layers):
+            layers, ranks, chunks = len(ctx.layers), ctx.ranks, ctx.virtual_stages
+            fix = (
+                f"use virtual_stages={layers // ranks} or fewer"
+                if layers // ranks > 1
+                else f"use at most {layers // chunks} pipeline ranks with {chunks} virtual stages each"
+                if layers >= chunks
+                else "use a schedule without virtual stages"
+            )
+            raise ValueError(
+                f"cannot cut {layers} layers into {ranks} rank{'s' * (ranks > 1)} x {chunks} virtual stages = "
+                f"{ctx.num_stages} non-empty stages: {fix}"
+            )
         check_stage_count(ctx.num_stages, len(ctx.layers))
         if ctx.schedule_name == AUTO_SCHEDULE and not self.method.chooses_schedule:
             choosers = [m.name for m in _METHODS.values() if m.chooses_schedule]
