@@ -435,7 +435,13 @@ def test_the_example_trains_with_the_planners_choice(tmp_path):
 def test_the_gpt_example_plans_from_its_layer_specs(capsys):
     """The tied embedding and head are specs the planner partitions like the example does; its command names
     the GPT script and the sequence length."""
+    from ds_pipe_ext.models.gpt import GPTConfig
+
     example = example_model("gpt")
+    assert (example.default_size, int(example.make_batch(64, 8, None)[0].max()) < GPTConfig.vocab_size) == (
+        GPTConfig.seq_len,
+        True,
+    )
     inputs, labels = example.make_batch(3, 16, torch.Generator().manual_seed(0))
     assert inputs.shape == labels.shape == (3, 16) and torch.equal(inputs[:, 1:], labels[:, :-1])
     assert main(

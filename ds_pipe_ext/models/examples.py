@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import gpt, vision
+from . import vision
 
 __all__ = ["EXAMPLE_MODELS", "ExampleModel", "example_model"]
 
@@ -68,8 +68,18 @@ def _vision(name: str) -> ExampleModel:
     )
 
 
+#: The GPT example's vocabulary (models.gpt.GPTConfig's default; a test checks they agree).
+_GPT_VOCAB = 64
+
+
+def _gpt_module():  # imported when used: models.gpt imports DeepSpeed, which `ds-pipe --help` must not
+    from . import gpt
+
+    return gpt
+
+
 def _gpt_batch(micro_batch: int, seq_len: int, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    tokens = torch.randint(0, gpt.GPTConfig.vocab_size, (micro_batch, seq_len + 1), generator=generator)
+    tokens = torch.randint(0, _GPT_VOCAB, (micro_batch, seq_len + 1), generator=generator)
     return tokens[:, :-1], tokens[:, 1:]
 
 
@@ -77,10 +87,10 @@ def _gpt() -> ExampleModel:
     """The GPT example at its default width and depth; ``size`` is the sequence length."""
     return ExampleModel(
         name="gpt",
-        build_layers=lambda seq_len: gpt.gpt_layers(gpt.GPTConfig(seq_len=seq_len)),
+        build_layers=lambda seq_len: _gpt_module().gpt_layers(_gpt_module().GPTConfig(seq_len=seq_len)),
         make_batch=_gpt_batch,
-        loss_fn=lambda: gpt.next_token_loss,
-        default_size=gpt.GPTConfig.seq_len,
+        loss_fn=lambda: _gpt_module().next_token_loss,
+        default_size=64,
         size_flag="--seq-len",
         script="examples/gpt/train.py",
     )
