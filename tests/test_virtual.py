@@ -125,6 +125,8 @@ class WholeBackwardDualPipeV(DualPipeVSchedule):
 def test_dualpipev_without_the_weight_split_is_deepspeeds_own_order():
     """DeepSpeed writes its schedule as instructions with CommitP2P batches, not as a compute order: the passes it
     runs, in order, are ours."""
+    if not hasattr(ds_schedule, "DualPipeVSchedule"):
+        pytest.skip("this DeepSpeed has no DualPipeVSchedule (it comes with 0.19.8)")
     for ranks in range(1, 7):
         for micro_batches in range(2 * ranks, 17):
             for rank in range(ranks):
