@@ -68,10 +68,6 @@ def _vision(name: str) -> ExampleModel:
     )
 
 
-#: The GPT example's vocabulary (models.gpt.GPTConfig's default; a test checks they agree).
-_GPT_VOCAB = 64
-
-
 def _gpt_module():  # imported when used: models.gpt imports DeepSpeed, which `ds-pipe --help` must not
     from . import gpt
 
@@ -79,7 +75,7 @@ def _gpt_module():  # imported when used: models.gpt imports DeepSpeed, which `d
 
 
 def _gpt_batch(micro_batch: int, seq_len: int, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    tokens = torch.randint(0, _GPT_VOCAB, (micro_batch, seq_len + 1), generator=generator)
+    tokens = torch.randint(0, _gpt_module().GPTConfig.vocab_size, (micro_batch, seq_len + 1), generator=generator)
     return tokens[:, :-1], tokens[:, 1:]
 
 
