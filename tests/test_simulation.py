@@ -171,6 +171,14 @@ def forward_then_backward(micro_batches: int, skip_backward: int = -1) -> list[l
     return steps + [[BackwardPass(m)] for m in range(micro_batches) if m != skip_backward]
 
 
+#: The last of two stages, two micro-batches: both forwards, then both backwards.
+LAST_OF_TWO_STAGES = [
+    [RecvActivation(0), LoadMicroBatch(0), ForwardPass(0)],
+    [RecvActivation(1), LoadMicroBatch(1), ForwardPass(1)],
+    [BackwardPass(0), SendGrad(0)],
+    [BackwardPass(1), SendGrad(1), *END],
+]
+
 TWO_STAGE_FORWARDS = [[LoadMicroBatch(0), ForwardPass(0), SendActivation(0)], [LoadMicroBatch(1), ForwardPass(1)]]
 
 BROKEN = [
@@ -199,12 +207,7 @@ BROKEN = [
                     [RecvGrad(1), BackwardPass(1), *END],
                 ]
                 if s == 0
-                else [
-                    [RecvActivation(0), LoadMicroBatch(0), ForwardPass(0)],
-                    [RecvActivation(1), LoadMicroBatch(1), ForwardPass(1)],
-                    [BackwardPass(0), SendGrad(0)],
-                    [BackwardPass(1), SendGrad(1), *END],
-                ]
+                else LAST_OF_TWO_STAGES
             ),
             buffers=2,
         ),
@@ -294,12 +297,7 @@ BROKEN = [
                     [RecvGrad(0), BackwardPass(0), *END],
                 ]
                 if s == 0
-                else [
-                    [RecvActivation(0), LoadMicroBatch(0), ForwardPass(0)],
-                    [RecvActivation(1), LoadMicroBatch(1), ForwardPass(1)],
-                    [BackwardPass(0), SendGrad(0)],
-                    [BackwardPass(1), SendGrad(1), *END],
-                ]
+                else LAST_OF_TWO_STAGES
             ),
             buffers=2,
         ),
