@@ -93,6 +93,7 @@ def measure(model: str, plans: list[Plan], args: argparse.Namespace) -> list[dic
             "stages": p.stages,
             "partition": p.partition_method,
             "schedule": p.schedule,
+            "virtual_stages": p.virtual_stages,
             "steps": args.steps,
             "rank": index,
         }
@@ -158,7 +159,7 @@ def markdown(model: str, planned: dict, compared: list[dict], result: dict, args
                 rank,
                 f"{p['stages']} x {p['data_parallel']}",
                 f"{p['micro_batches']} x {p['micro_batch_size']}",
-                p["schedule"],
+                p["schedule"] + (f" v={p['virtual_stages']}" if p.get("virtual_stages", 1) > 1 else ""),
                 ",".join(map(str, p["boundaries"])),
                 f"{p['step_time']:.3f}",
                 f"{entry['measured_step']:.3f}",

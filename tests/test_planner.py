@@ -24,7 +24,7 @@ from ds_pipe_ext.observe.simulation import simulate
 from ds_pipe_ext.partition import PartitionContext
 from ds_pipe_ext.partition.costs import LayerCosts, LinkCosts, measure_layer_costs
 from ds_pipe_ext.partition.report import predict_step
-from ds_pipe_ext.planner import NoPlanFits, Plan, PlanSpace, search_plans
+from ds_pipe_ext.planner import NoPlanFits, Plan, PlanSearch, PlanSpace, search_plans
 from ds_pipe_ext.schedules import GPipeSchedule, available_schedules, get_schedule, register_schedule
 from ds_pipe_ext.schedules import registry as schedule_registry
 from ds_pipe_ext.topology import divisors
@@ -176,11 +176,68 @@ def test_what_cannot_be_formed_is_skipped_with_the_reason():
     assert any("6 samples do not split into 4" in reason for reason in search.skipped)
 
 
-def test_virtual_stage_schedules_are_left_out_and_said_so():
-    search = search_plans(template(), PlanSpace(world_size=2, global_batch=4), sample_input)
-    virtual = {name for name in available_schedules() if getattr(get_schedule(name), "chunks", 1) > 1}
-    assert virtual and {plan.schedule for plan in search.plans} == set(available_schedules()) - virtual
-    assert any("runs virtual stages, which the planner does not plan yet" in r for r in search.skipped)
+VIRTUAL = [name for name in available_schedules() if getattr(get_schedule(name), "chunks", 1) > 1]
+
+
+def test_virtual_stage_schedules_are_planned_over_all_their_stages():
+    """Each virtual plan: the fastest split into ranks x chunks stages (brute force), the step the simulator
+    predicts for it with the chunks, and per rank the memory of the chunks it holds; a shape a schedule refuses is
+    skipped with the schedule's own reason."""
+    space = PlanSpace(world_size=2, global_batch=8, stages=[2], schedules=VIRTUAL)
+    search = search_plans(template(), space, sample_input)
+    assert {plan.schedule for plan in search.plans} == set(VIRTUAL)
+    assert any(r.startswith("schedule dualpipev on 2 stages, 2 micro-batches: ") for r in search.skipped)
+    for plan in search.plans:
+        assert plan.virtual_stages == 2 and len(plan.boundaries) == 5
+        size = plan.micro_batch_size
+        ctx = replace(template(), sample_input=partial(sample_input, size)).variant(
+            num_stages=4, virtual_stages=2, micro_batches=plan.micro_batches, schedule=plan.schedule
+        )
+        costs = ctx.measured_costs()
+        slowest = partial(worst, costs.stage_time(plan.micro_batches))
+        assert slowest(plan.boundaries) == min(slowest(bounds) for bounds in splits(len(WEIGHTS), 4))
+        assert (plan.step_time, plan.bubble) == predict_step(ctx, plan.boundaries, costs)
+        in_flight = simulate(ctx.simulated_schedule(), 2, plan.micro_batches).peak_per_stage
+        memory = ctx.stage_memory(in_flight)
+        spans = list(zip(plan.boundaries, plan.boundaries[1:]))
+        assert plan.stage_memory == [
+            sum(memory(ctx.layout.stage(rank, chunk), *spans[ctx.layout.stage(rank, chunk)]) for chunk in (0, 1))
+            for rank in (0, 1)
+        ]
+    (plan,) = [p for p in search.plans if p.schedule == "zb-v" and p.micro_batches == 4]
+    assert plan.script_flags()[-2:] == ["--virtual-stages", "2"] and plan.module_kwargs()["virtual_stages"] == 2
+    assert Plan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+
+
+def test_a_virtual_plan_over_the_budget_takes_a_lighter_split_or_is_over_budget():
+    space = PlanSpace(world_size=2, global_batch=8, stages=[2], micro_batches=[4], schedules=["interleaved-1f1b"])
+    (free,) = search_plans(template(), space, sample_input).plans
+    for budget in (free.peak_memory - 1, free.peak_memory / 4):
+        search = search_plans(template(), replace(space, memory_budget=budget), sample_input)
+        (plan,) = search.plans + search.over_budget
+        assert plan.boundaries != free.boundaries
+        assert (plan in search.plans) == (plan.peak_memory <= budget)
+    assert search.over_budget  # a quarter of the fastest split's memory fits no split
+
+
+def test_a_module_with_chunks_is_planned_with_the_schedules_that_run_them():
+    def planned(chunks: int) -> PlanSearch:
+        space = PlanSpace(world_size=2, global_batch=8, stages=[2], micro_batches=[4], virtual_stages=chunks)
+        return search_plans(template(), space, sample_input)
+
+    assert {plan.schedule for plan in planned(1).plans} == set(available_schedules()) - set(VIRTUAL)
+    assert "schedule zb-v on 2 stages, 4 micro-batches: it runs 2 chunk(s) per rank, the module holds 1" in (
+        planned(1).skipped
+    )
+    assert {plan.schedule for plan in planned(2).plans} == set(VIRTUAL)
+    three = planned(3)
+    assert {(plan.schedule, plan.virtual_stages) for plan in three.plans} == {
+        ("interleaved-1f1b", 3),
+        ("interleaved-zb", 3),
+    }
+    assert "schedule zb-v on 2 stages, 4 micro-batches: the v placement holds two chunks per rank, not 3" in (
+        three.skipped
+    )
 
 
 def test_a_plan_says_how_to_run_it():

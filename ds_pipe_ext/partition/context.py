@@ -81,10 +81,12 @@ class PartitionContext:
         return self.schedule_name == AUTO_SCHEDULE or splits_backward(get_schedule(self.schedule_name))
 
     def variant(self, **changes: Any) -> PartitionContext:
-        """A copy with another stage count, micro-batch count, schedule, data-parallel size or memory budget. What
+        """A copy with another stage count (and chunks per rank), micro-batch count, schedule, data-parallel size or
+        memory budget. What
         was counted or measured for these layers and this sample input does not depend on those, so the copy
         shares it instead of measuring again."""
-        unknown = set(changes) - {"num_stages", "micro_batches", "schedule", "data_parallel_size", "memory_budget"}
+        allowed = {"num_stages", "virtual_stages", "micro_batches", "schedule", "data_parallel_size", "memory_budget"}
+        unknown = set(changes) - allowed
         if unknown:
             raise TypeError(f"variant() changes only the plan, not {', '.join(sorted(unknown))}")
         other = replace(self, **changes)

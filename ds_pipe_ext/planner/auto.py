@@ -17,19 +17,20 @@ __all__ = ["module_space"]
 
 
 def module_space(ctx: PartitionContext) -> PlanSpace:
-    """The plans open to a module: its own stages, micro-batches and replicas (the micro-batch size is the sample's
-    first dimension, DeepSpeed's batch dimension); every registered schedule if the schedule is ``"auto"``, else the
-    named one."""
+    """The plans open to a module: its own ranks, chunks per rank, micro-batches and replicas (the micro-batch size is
+    the sample's first dimension, DeepSpeed's batch dimension); every registered schedule that runs its chunks if the
+    schedule is ``"auto"``, else the named one."""
     sample = ctx.sample()
     first = sample[0] if isinstance(sample, (tuple, list)) else sample
     micro_batches = ctx.require("micro_batches", "partition method 'auto'")
     return PlanSpace(
-        world_size=ctx.num_stages * ctx.data_parallel_size,
+        world_size=ctx.ranks * ctx.data_parallel_size,
         global_batch=first.shape[0] * micro_batches * ctx.data_parallel_size,
         memory_budget=ctx.memory_budget,
-        stages=[ctx.num_stages],
+        stages=[ctx.ranks],
         micro_batches=[micro_batches],
         schedules=None if ctx.schedule_name == AUTO_SCHEDULE else [ctx.schedule_name],
+        virtual_stages=ctx.virtual_stages,
     )
 
 

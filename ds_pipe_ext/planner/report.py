@@ -20,6 +20,7 @@ def format_plans(search: PlanSearch, top: int = 10, command: Callable[[Plan], st
     rows[0] += ("spread", "memory per rank, by stage")
     for index, plan in enumerate(listed, 1):
         knobs = "".join(f" {key}={value}" for key, value in plan.knobs.items())
+        knobs += f" v={plan.virtual_stages}" if plan.virtual_stages > 1 else ""
         rate = plan.samples_per_second
         rows.append(
             (

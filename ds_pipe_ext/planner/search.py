@@ -9,6 +9,12 @@ fastest_split_within`, exact). Memory per rank is :meth:`PartitionContext.stage_
 activations in flight from the simulator; the step time is the simulator fed with the stages' costs, then each
 stage's optimizer step and gradient all-reduce (:func:`~ds_pipe_ext.partition.report.predict_step`). Plans that fit
 are ranked by predicted step time; when none fits, the error names the smallest budget that would.
+
+A virtual-stage schedule (v chunks per rank) is planned over K x v stages: its split is the fastest of K x v stages,
+and a rank's memory is the sum over the chunks it holds, each with that chunk's peak activations in flight (an upper
+bound: the chunks' peaks need not coincide). The budget couples a rank's non-contiguous stages, which the exact
+solver does not model: a virtual plan takes the fastest split if every rank fits, else the split lightest per stage
+if that fits, else it is over budget.
 """
 
 from __future__ import annotations
@@ -34,9 +40,9 @@ __all__ = ["NoPlanFits", "Plan", "PlanSearch", "PlanSpace", "byte_size", "search
 
 @dataclass(frozen=True)
 class Plan:
-    """One way to run the model on the world: a pipeline of ``stages`` x ``data_parallel`` replicas, each step
+    """One way to run the model on the world: a pipeline of ``stages`` ranks x ``data_parallel`` replicas, each step
     ``micro_batches`` micro-batches of ``micro_batch_size`` samples per replica, under ``schedule`` (with its
-    ``knobs``), cut at ``boundaries``; and what the models predict for it."""
+    ``knobs`` and ``virtual_stages`` chunks per rank), cut at ``boundaries``; and what the models predict for it."""
 
     stages: int
     data_parallel: int
@@ -46,10 +52,11 @@ class Plan:
     boundaries: list[int]
     step_time: float  # predicted, in cost_unit (seconds when measured)
     bubble: float  # predicted share of the pipelined part that stages wait
-    stage_memory: list[float]  # predicted peak bytes per rank of each stage
+    stage_memory: list[float]  # predicted peak bytes of each pipeline rank (all its chunks)
     cost_unit: str
     spread: float | None = None  # how far the measuring rounds lay apart on the least steady stage
     knobs: Mapping[str, Any] = field(default_factory=dict)
+    virtual_stages: int = 1  # model chunks per rank: ``boundaries`` cuts stages x virtual_stages stages
 
     @property
     def world_size(self) -> int:
@@ -84,16 +91,19 @@ class Plan:
     def module_kwargs(self) -> dict[str, Any]:
         """The ``ds_pipe_ext.PipelineModule`` arguments this plan sets (with ``topology=make_topology(world,
         stages)``, or ``num_stages``, DeepSpeed fills the data-parallel size from the world)."""
+        chunks = {"virtual_stages": self.virtual_stages} if self.virtual_stages > 1 else {}
         return {
             "num_stages": self.stages,
             "partition_method": self.partition_method,
             "micro_batches": self.micro_batches,
             "schedule": self.schedule,
+            **chunks,
         }
 
     def script_flags(self) -> list[str]:
         """The example scripts' flags for this plan (their config takes :meth:`ds_config`)."""
-        return ["-p", str(self.stages), "--partition", self.partition_method, "--schedule", self.schedule]
+        flags = ["-p", str(self.stages), "--partition", self.partition_method, "--schedule", self.schedule]
+        return flags + (["--virtual-stages", str(self.virtual_stages)] if self.virtual_stages > 1 else [])
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -116,6 +126,7 @@ class Plan:
 
     def describe(self) -> str:
         knobs = "".join(f", {key}={value}" for key, value in self.knobs.items())
+        knobs += f", {self.virtual_stages} chunks per rank" if self.virtual_stages > 1 else ""
         return (
             f"{self.stages} stage(s) x {self.data_parallel} replica(s), {self.micro_batches} micro-batch(es) of "
             f"{self.micro_batch_size}, schedule {self.schedule}{knobs}, boundaries {self.boundaries}"
@@ -142,8 +153,9 @@ class NoPlanFits(ValueError):
 @dataclass(frozen=True)
 class PlanSpace:
     """What the planner may choose from. ``None`` means every possibility: pipeline sizes that divide the world,
-    micro-batch counts that divide a replica's share of the batch, registered schedules (the virtual-stage ones are not
-    planned yet)."""
+    micro-batch counts that divide a replica's share of the batch, registered schedules (virtual-stage ones with their
+    own chunk count). ``virtual_stages`` keeps only plans with that many chunks per rank (a module already built
+    with them); ``None``: any."""
 
     world_size: int
     global_batch: int
@@ -151,6 +163,7 @@ class PlanSpace:
     stages: Sequence[int] | None = None
     micro_batches: Sequence[int] | None = None
     schedules: Sequence[str] | None = None
+    virtual_stages: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("world_size", "global_batch"):
@@ -221,8 +234,16 @@ def search_plans(template: PartitionContext, space: PlanSpace, sample_input: Sam
             )
             contexts[size].measured_costs()  # once per size, shared by every variant below
         for order, (name, knobs, schedule) in enumerate(_schedules(space, stages, micro_batches, skipped)):
+            chunks = getattr(schedule, "chunks", 1)
+            if stages * chunks > len(template.layers):
+                skipped.append(f"schedule {name} on {stages} stages: {stages} x {chunks} chunks exceed the layers")
+                continue
             ctx = contexts[size].variant(
-                num_stages=stages, micro_batches=micro_batches, schedule=name, data_parallel_size=data_parallel
+                num_stages=stages * chunks,
+                virtual_stages=chunks,
+                micro_batches=micro_batches,
+                schedule=name,
+                data_parallel_size=data_parallel,
             )
             plan, fits = _plan(ctx, size, knobs, schedule, space.memory_budget)
             if fits:
@@ -269,8 +290,16 @@ def _schedules(
     variants = []
     for name in names:
         for knobs, schedule in schedule_variants(name, stages, micro_batches):
-            if getattr(schedule, "chunks", 1) > 1:
-                skipped.append(f"schedule {name}: runs virtual stages, which the planner does not plan yet")
+            chunks = getattr(schedule, "chunks", 1)
+            wanted = space.virtual_stages or chunks
+            try:
+                if wanted != chunks:
+                    if min(wanted, chunks) == 1:
+                        raise ValueError(f"it runs {chunks} chunk(s) per rank, the module holds {wanted}")
+                    schedule = schedule.with_chunks(wanted)
+                schedule(micro_batches=micro_batches, stages=stages, stage_id=0)
+            except ValueError as refusal:
+                skipped.append(f"schedule {name} on {stages} stages, {micro_batches} micro-batches: {refusal}")
                 continue
             variants.append((name, knobs, schedule))
     return variants
@@ -282,19 +311,29 @@ def _plan(
     """The fastest split of ``ctx`` that fits ``budget`` as a plan, and ``True``; or, if none fits, the plan with the
     split that needs least memory, and ``False``."""
     costs = ctx.measured_costs()
-    n, k, micro_batches = len(ctx.layers), ctx.num_stages, ctx.micro_batches
-    memory = ctx.stage_memory(in_flight=simulate(schedule, k, micro_batches).peak_buffers)
+    n, k, micro_batches, layout = len(ctx.layers), ctx.num_stages, ctx.micro_batches, ctx.layout
+    memory = ctx.stage_memory(in_flight=simulate(schedule, layout.ranks, micro_batches).peak_per_stage)
+
+    def rank_memory(boundaries: Sequence[int]) -> list[float]:
+        per_rank = [0.0] * layout.ranks
+        for stage, (a, b) in enumerate(zip(boundaries, boundaries[1:])):
+            per_rank[layout.location(stage)[0]] += memory(stage, a, b)
+        return per_rank
+
     boundaries = fastest_measured_split(ctx)
     fits = True
-    if budget is not None:
+    if budget is not None and layout.chunks == 1:
         boundaries = fastest_split_within(n, k, costs.stage_time(micro_batches), memory, budget, fastest=boundaries)
         if not boundaries:
             fits, boundaries = False, min_max_split(n, k, memory)[1]
+    elif budget is not None and max(rank_memory(boundaries)) > budget:
+        boundaries = min_max_split(n, k, memory)[1]
+        fits = max(rank_memory(boundaries)) <= budget
     spans = list(zip(boundaries, boundaries[1:]))
     step_time, bubble = predict_step(ctx, boundaries, costs, schedule)
     spreads = [spread for spread in (costs.spread(a, b) for a, b in spans) if spread is not None]
     plan = Plan(
-        stages=k,
+        stages=layout.ranks,
         data_parallel=ctx.data_parallel_size,
         micro_batches=micro_batches,
         micro_batch_size=size,
@@ -302,10 +341,11 @@ def _plan(
         boundaries=boundaries,
         step_time=step_time,
         bubble=bubble,
-        stage_memory=[memory(stage, a, b) for stage, (a, b) in enumerate(spans)],
+        stage_memory=rank_memory(boundaries),
         cost_unit=costs.unit,
         spread=max(spreads) if spreads else None,
         knobs=knobs,
+        virtual_stages=layout.chunks,
     )
     return plan, fits
 

@@ -54,8 +54,9 @@ def uses_split_backward(schedule: PipeSchedule) -> bool:
 
 
 def splits_backward(schedule_class: type[PipeSchedule]) -> bool:
-    """Whether ``schedule_class`` splits the backward on any stage (looked at on a two-stage pipeline)."""
-    return any(uses_split_backward(schedule_class(micro_batches=2, stages=2, stage_id=stage)) for stage in (0, 1))
+    """Whether ``schedule_class`` splits the backward on any stage (looked at on a two-stage pipeline with four
+    micro-batches, the fewest DualPipeV runs there)."""
+    return any(uses_split_backward(schedule_class(micro_batches=4, stages=2, stage_id=stage)) for stage in (0, 1))
 
 
 def transfer_runs(step: Sequence[PipeInstruction]) -> Iterator[list[PipeInstruction]]:
