@@ -13,6 +13,7 @@ from functools import partial
 
 import pytest
 import torch
+from deepspeed.runtime.pipe.schedule import BackwardPass, ForwardPass
 from launch import ROOT, launch, run_example, write_config
 from torch import nn
 
@@ -27,6 +28,7 @@ from ds_pipe_ext.partition.report import predict_step
 from ds_pipe_ext.planner import NoPlanFits, Plan, PlanSearch, PlanSpace, search_plans
 from ds_pipe_ext.schedules import GPipeSchedule, available_schedules, get_schedule, register_schedule
 from ds_pipe_ext.schedules import registry as schedule_registry
+from ds_pipe_ext.schedules.instructions import BackwardWeightPass
 from ds_pipe_ext.topology import divisors
 
 #: Dyadic numbers, so that float sums are exact and ties are real ties in the solver and in brute force alike.
@@ -183,9 +185,10 @@ def test_virtual_stage_schedules_are_planned_over_all_their_stages():
     """Each virtual plan: the fastest split into ranks x chunks stages (brute force), the step the simulator
     predicts for it with the chunks, and per rank the memory of the chunks it holds; a shape a schedule refuses is
     skipped with the schedule's own reason."""
-    space = PlanSpace(world_size=2, global_batch=8, stages=[2], schedules=VIRTUAL)
-    search = search_plans(template(), space, sample_input)
-    assert {plan.schedule for plan in search.plans} == set(VIRTUAL)
+    search = search_plans(template(), PlanSpace(world_size=2, global_batch=8, schedules=VIRTUAL), sample_input)
+    assert {plan.schedule for plan in search.plans} == set(VIRTUAL) and {plan.stages for plan in search.plans} == {2}
+    one_rank = "schedule zb-v on 1 stages, 4 micro-batches: one rank has no bubble for chunks to shrink, only more work"
+    assert one_rank in search.skipped
     assert any(r.startswith("schedule dualpipev on 2 stages, 2 micro-batches: ") for r in search.skipped)
     for plan in search.plans:
         assert plan.virtual_stages == 2 and len(plan.boundaries) == 5
@@ -197,16 +200,30 @@ def test_virtual_stage_schedules_are_planned_over_all_their_stages():
         slowest = partial(worst, costs.stage_time(plan.micro_batches))
         assert slowest(plan.boundaries) == min(slowest(bounds) for bounds in splits(len(WEIGHTS), 4))
         assert (plan.step_time, plan.bubble) == predict_step(ctx, plan.boundaries, costs)
-        in_flight = simulate(ctx.simulated_schedule(), 2, plan.micro_batches).peak_per_stage
-        memory = ctx.stage_memory(in_flight)
-        spans = list(zip(plan.boundaries, plan.boundaries[1:]))
-        assert plan.stage_memory == [
-            sum(memory(ctx.layout.stage(rank, chunk), *spans[ctx.layout.stage(rank, chunk)]) for chunk in (0, 1))
-            for rank in (0, 1)
-        ]
+        assert plan.stage_memory == expected_rank_memory(ctx, plan)
     (plan,) = [p for p in search.plans if p.schedule == "zb-v" and p.micro_batches == 4]
     assert plan.script_flags()[-2:] == ["--virtual-stages", "2"] and plan.module_kwargs()["virtual_stages"] == 2
     assert Plan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+
+
+def expected_rank_memory(ctx: PartitionContext, plan: Plan) -> list[float]:
+    """Per rank: its chunks' parameters, gradients and optimizer state, plus the activation bytes of the fullest
+    moment of the simulated step, counted instruction by instruction."""
+    spans = list(zip(plan.boundaries, plan.boundaries[1:]))
+    static, stats, layout = ctx.stage_memory([0] * 4), ctx.stats(), ctx.layout
+    result = simulate(ctx.simulated_schedule(), 2, plan.micro_batches)
+    memory = []
+    for rank in (0, 1):
+        held, fullest = Counter(), 0.0
+        for event in (e for e in result.timeline if e.stage == rank):
+            stage = layout.stage(rank, event.chunk)
+            if event.instruction is ForwardPass:
+                held[stage] += 1
+            elif event.instruction in (BackwardPass, BackwardWeightPass):
+                held[stage] -= 1
+            fullest = max(fullest, sum(n * stats.activation_bytes(*spans[s]) for s, n in held.items()))
+        memory.append(sum(static(s, *spans[s]) for s in (layout.stage(rank, 0), layout.stage(rank, 1))) + fullest)
+    return memory
 
 
 def test_a_virtual_plan_over_the_budget_takes_a_lighter_split_or_is_over_budget():

@@ -196,10 +196,25 @@ class SimulationResult:
     peak_buffers: list[int]  # per stage: most micro-batches forwarded but not yet backwarded at once
     peak_per_stage: list[int]  # the same per global stage (with virtual stages, per chunk)
     layout: Layout | None = None  # which chunks (virtual stages) each stage holds; None: one each
+    #: Per stage, every mix of activations it held at once: micro-batches forwarded but not backwarded, by chunk.
+    held_at_once: list[frozenset[tuple[int, ...]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.layout is None:
             object.__setattr__(self, "layout", Layout(self.stages))
+
+    def peak_activation_bytes(self, per_micro_batch: Sequence[float]) -> list[float]:
+        """Per stage (pipeline rank), the most activation bytes it holds at once when global stage g keeps
+        ``per_micro_batch[g]`` bytes per micro-batch: exact with chunks of different sizes, whose peaks need not
+        coincide."""
+        layout = self.layout
+        return [
+            max(
+                (sum(n * per_micro_batch[layout.stage(rank, c)] for c, n in enumerate(mix)) for mix in mixes),
+                default=0.0,
+            )
+            for rank, mixes in enumerate(self.held_at_once)
+        ]
 
     @property
     def makespan(self) -> float:
@@ -298,8 +313,8 @@ def simulate(
         )
     layout = getattr(schedule_class(micro_batches=micro_batches, stages=stages, stage_id=0), "layout", None)
     per_stage = _per_stage_costs(costs or {}, layout or Layout(stages))
-    timeline, peaks, chunk_peaks = _replay(schedule_class, stages, micro_batches, per_stage, backend, transport)
-    return SimulationResult(stages, micro_batches, timeline, peaks, chunk_peaks, layout)
+    timeline, peaks, chunk_peaks, held = _replay(schedule_class, stages, micro_batches, per_stage, backend, transport)
+    return SimulationResult(stages, micro_batches, timeline, peaks, chunk_peaks, layout, held)
 
 
 def _schedule_class(schedule: str | type[PipeSchedule]) -> type[PipeSchedule]:
@@ -400,6 +415,7 @@ class _StageReplay:
         self.peak_activations = 0
         self.output_chunk: dict[int, int] = {}  # buffer id -> the chunk whose activations it holds
         self.peak_by_chunk = [0] * self.layout.chunks
+        self.held_at_once: set[tuple[int, ...]] = set()
 
     def _units(self, schedule: PipeSchedule, transport: str) -> list[_Unit]:
         """The stream in the groups the engine executes. A link's first activation carries the tensor shapes ahead
@@ -540,6 +556,7 @@ class _StageReplay:
         live = [self.output_chunk[held_buffer] for slot, held_buffer in self.held if slot == "output"]
         self.peak_activations = max(self.peak_activations, len(live))
         self.peak_by_chunk[chunk] = max(self.peak_by_chunk[chunk], live.count(chunk))
+        self.held_at_once.add(tuple(live.count(c) for c in range(self.layout.chunks)))
         return micro_batch
 
     def _micro_batch(self, buffer: int, spec: InstructionSpec, incoming: int | None, slots: set[str]) -> int:
@@ -623,7 +640,7 @@ def _replay(
     costs: Mapping[str, Sequence[float]],
     backend: str,
     transport: str,
-) -> tuple[list[TimelineEvent], list[int], list[int]]:
+) -> tuple[list[TimelineEvent], list[int], list[int], list[frozenset[tuple[int, ...]]]]:
     """Run all stages' streams together as a discrete-event simulation of :class:`SchedulePipelineEngine`.
 
     A stage runs local instructions back to back and posts a unit of transfers at once; it waits for the receives
@@ -671,7 +688,8 @@ def _replay(
     timeline.sort(key=lambda event: (event.start, event.stage))
     layout = replays[0].layout
     per_stage = [replays[rank].peak_by_chunk[chunk] for rank, chunk in map(layout.location, range(layout.stages))]
-    return timeline, [replay.peak_activations for replay in replays], per_stage
+    held = [frozenset(replay.held_at_once) for replay in replays]
+    return timeline, [replay.peak_activations for replay in replays], per_stage, held
 
 
 class _Network:

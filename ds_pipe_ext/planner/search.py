@@ -10,11 +10,11 @@ activations in flight from the simulator; the step time is the simulator fed wit
 stage's optimizer step and gradient all-reduce (:func:`~ds_pipe_ext.partition.report.predict_step`). Plans that fit
 are ranked by predicted step time; when none fits, the error names the smallest budget that would.
 
-A virtual-stage schedule (v chunks per rank) is planned over K x v stages: its split is the fastest of K x v stages,
-and a rank's memory is the sum over the chunks it holds, each with that chunk's peak activations in flight (an upper
-bound: the chunks' peaks need not coincide). The budget couples a rank's non-contiguous stages, which the exact
-solver does not model: a virtual plan takes the fastest split if every rank fits, else the split lightest per stage
-if that fits, else it is over budget.
+A virtual-stage schedule (v chunks per rank) is planned over K x v stages, on two ranks or more (on one, chunks only
+add work): its split is the fastest of K x v stages, and a rank's memory is its chunks' parameters, gradients and
+optimizer state plus the most activations the simulator sees it hold at once over its chunks. The budget couples a
+rank's non-contiguous stages, which the exact solver does not model: a virtual plan takes the fastest split if every
+rank fits, else the split lightest per stage if that fits, else it is over budget.
 """
 
 from __future__ import annotations
@@ -293,6 +293,8 @@ def _schedules(
             chunks = getattr(schedule, "chunks", 1)
             wanted = space.virtual_stages or chunks
             try:
+                if stages == 1 and chunks > 1 and space.virtual_stages is None:
+                    raise ValueError("one rank has no bubble for chunks to shrink, only more work")
                 if wanted != chunks:
                     if min(wanted, chunks) == 1:
                         raise ValueError(f"it runs {chunks} chunk(s) per rank, the module holds {wanted}")
@@ -312,12 +314,17 @@ def _plan(
     split that needs least memory, and ``False``."""
     costs = ctx.measured_costs()
     n, k, micro_batches, layout = len(ctx.layers), ctx.num_stages, ctx.micro_batches, ctx.layout
-    memory = ctx.stage_memory(in_flight=simulate(schedule, layout.ranks, micro_batches).peak_per_stage)
+    simulated = simulate(schedule, layout.ranks, micro_batches)
+    memory = ctx.stage_memory(in_flight=simulated.peak_per_stage)
+    static = ctx.stage_memory(in_flight=[0] * k)
 
     def rank_memory(boundaries: Sequence[int]) -> list[float]:
-        per_rank = [0.0] * layout.ranks
-        for stage, (a, b) in enumerate(zip(boundaries, boundaries[1:])):
-            per_rank[layout.location(stage)[0]] += memory(stage, a, b)
+        spans = list(zip(boundaries, boundaries[1:]))
+        if layout.chunks == 1:
+            return [memory(stage, a, b) for stage, (a, b) in enumerate(spans)]
+        per_rank = simulated.peak_activation_bytes([ctx.stats().activation_bytes(a, b) for a, b in spans])
+        for stage, (a, b) in enumerate(spans):
+            per_rank[layout.location(stage)[0]] += static(stage, a, b)
         return per_rank
 
     boundaries = fastest_measured_split(ctx)
