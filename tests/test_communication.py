@@ -201,3 +201,13 @@ def test_the_engine_refuses_only_what_the_model_rejects(monkeypatch):
         check(engine(ReceivesFirst, "nccl", own_transfers=True, monkeypatch=monkeypatch))
     with pytest.raises(ValueError, match=r"ZBH1Schedule cannot run with DeepSpeed's blocking send and receive .* "):
         check(engine(ZBH1Schedule, "gloo", own_transfers=False, monkeypatch=monkeypatch, micro_batches=3))
+
+
+def test_the_channels_take_the_jobs_timeout(single_rank_group):
+    """The channels are new groups, which torch gives its own default; they take the one the job was started with
+    (DeepSpeed's default here), read from the default group."""
+    from deepspeed.constants import default_pg_timeout
+
+    from ds_pipe_ext.engine.channels import job_timeout
+
+    assert job_timeout() == default_pg_timeout

@@ -81,9 +81,8 @@ def job_timeout() -> timedelta | None:
     instead of failing the job when the user asked; ``None`` where torch does not say."""
     group = dist.distributed_c10d._get_default_group()
     try:
-        device = dist.distributed_c10d._get_pg_default_device(group)
-        return group._get_backend(device).options._timeout
-    except (AttributeError, RuntimeError):
+        return group._get_backend(group._device_types[0]).options._timeout
+    except (AttributeError, IndexError, RuntimeError):
         return None
 
 
