@@ -38,11 +38,13 @@ import ds_pipe_ext
 from ds_pipe_ext import watchdog
 from ds_pipe_ext.checkpoint import (
     check_checkpoint,
+    layers_per_rank,
     load_checkpoint,
     read_checkpoint,
     repeating_loader,
     save_checkpoint,
 )
+from ds_pipe_ext.schedules import Layout
 from ds_pipe_ext.watchdog import EXIT_PEER_DIED, Peer, PeerWatchdog
 
 # ---- a one-rank pipeline in this process -----------------------------------------------------------------------
@@ -73,9 +75,14 @@ class TinyData(torch.utils.data.Dataset):
         return torch.randn(6, generator=torch.Generator().manual_seed(index)), index % 3
 
 
-def tiny_engine(training_data=None):
+def tiny_engine(training_data=None, schedule=None, virtual_stages=1):
     module = ds_pipe_ext.PipelineModule(
-        layers=tiny_layers(), num_stages=1, loss_fn=nn.CrossEntropyLoss(), partition_method="uniform"
+        layers=tiny_layers(),
+        num_stages=1,
+        loss_fn=nn.CrossEntropyLoss(),
+        partition_method="uniform",
+        schedule=schedule,
+        virtual_stages=virtual_stages,
     )
     engine, _, _, _ = ds_pipe_ext.initialize(
         model=module, model_parameters=module.parameters(), config=CONFIG, training_data=training_data
@@ -113,6 +120,44 @@ def test_a_resumed_run_continues_exactly_across_an_epoch(tiny_run):
     assert (point.optimizer, point.random_state, resumed.global_steps) == ("restored", True, 2)
     # Bit for bit, dropout masks included.
     assert [resumed.train_batch().item() for _ in range(5)] == uninterrupted
+
+
+def test_the_layers_per_rank_tell_virtual_placements_apart():
+    """The same boundaries put other layers on a rank with the loop placement, the v placement and no chunks."""
+    boundaries = [0, 2, 4, 6, 8]
+    assert layers_per_rank(boundaries, Layout(2, 2, "loop")) == [[[0, 2], [4, 6]], [[2, 4], [6, 8]]]
+    assert layers_per_rank(boundaries, Layout(2, 2, "v")) == [[[0, 2], [6, 8]], [[2, 4], [4, 6]]]
+    assert layers_per_rank(boundaries, Layout(4)) == [[[0, 2]], [[2, 4]], [[4, 6]], [[6, 8]]]
+    with pytest.raises(ValueError, match=r"places 4 stages, not the 2 of \[0, 4, 8\]"):
+        layers_per_rank([0, 4, 8], Layout(2, 2))
+
+
+def test_a_checkpoint_whose_ranks_held_other_layers_is_re_keyed_even_with_the_same_boundaries(
+    single_rank_group, tmp_path
+):
+    """With virtual stages the boundaries do not say which layers a rank's optimizer file is for (the loop and
+    the v placement cut alike put other stages on a rank): ``load_checkpoint`` compares the layers of each rank.
+    Here one rank holds two chunks; the same checkpoint, told that the rank held them in the other order, is
+    re-keyed by parameter name instead of loaded by position, and both resume exactly."""
+
+    def engine_at(step: int):
+        engine = tiny_engine(schedule="interleaved-1f1b", virtual_stages=2)
+        engine.set_dataloader(repeating_loader(engine, TinyData(), step))
+        return engine
+
+    engine = engine_at(0)
+    for _ in range(2):
+        engine.train_batch()
+    save_checkpoint(engine, tmp_path)
+    uninterrupted = [engine.train_batch().item() for _ in range(3)]
+    saved = read_checkpoint(tmp_path)
+    assert (saved.stage_boundaries, saved.rank_layers) == ([0, 2, 4], [[[0, 2], [2, 4]]])
+    swapped = replace(saved, rank_layers=[[[2, 4], [0, 2]]])
+    rekeyed = "re-keyed by parameter name for the new stage layout"
+    for checkpoint, optimizer in [(saved, "restored"), (swapped, rekeyed)]:
+        resumed = engine_at(checkpoint.step)
+        assert load_checkpoint(resumed, checkpoint).optimizer == optimizer
+        assert [resumed.train_batch().item() for _ in range(3)] == uninterrupted
 
 
 @pytest.mark.parametrize("steps", [0, 2, 3, 7])
