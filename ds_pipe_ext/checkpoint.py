@@ -7,10 +7,13 @@ data loader stood and each rank's random state. Its ``load_checkpoint`` fails de
 loads a stage's optimizer state into whichever stage has that index (with another stage count, stage 0's into every
 stage), even if the stages hold other layers now.
 
-Here :func:`save_checkpoint` adds the step, the stage boundaries, the optimizer's parameter names and every rank's
-random state to DeepSpeed's ``client_state``; :func:`read_checkpoint` and :func:`check_checkpoint` reject a bad
-checkpoint from its files alone, on every rank, before any collective; and :func:`load_checkpoint` loads through
-DeepSpeed, re-keying the optimizer state by parameter name when the stage boundaries changed.
+Here :func:`save_checkpoint` adds the step, the stage boundaries, the layers each pipeline rank holds, the
+optimizer's parameter names and every rank's random state to DeepSpeed's ``client_state``; :func:`read_checkpoint`
+and :func:`check_checkpoint` reject a bad checkpoint from its files alone, on every rank, before any collective;
+and :func:`load_checkpoint` loads through DeepSpeed, re-keying the optimizer state by parameter name when the ranks
+hold other layers now. With virtual stages a rank holds several stages, not adjacent ones, and the same boundaries
+placed another way (the loop or the v placement, another chunk count) put other layers on a rank: what is compared
+is the layers of each rank, not the boundaries.
 """
 
 from __future__ import annotations
@@ -29,11 +32,13 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Sampler
 
+from .schedules.layout import Layout
+
 #: The key of this module's state in DeepSpeed's ``client_state``.
 CLIENT_KEY = "ds_pipe_ext"
 
 _OPTIMIZER_RESTORED = "restored"
-_OPTIMIZER_REKEYED = "re-keyed by parameter name for the new stage boundaries"
+_OPTIMIZER_REKEYED = "re-keyed by parameter name for the new stage layout"
 
 
 @dataclass(frozen=True)
@@ -41,7 +46,9 @@ class CheckpointInfo:
     """What a checkpoint says about itself, read without loading its tensors.
 
     ``stage_boundaries`` is ``None`` for a checkpoint of a non-pipeline engine (its model is in
-    ``mp_rank_00_model_states.pt``; a pipeline's is in one file per layer).
+    ``mp_rank_00_model_states.pt``; a pipeline's is in one file per layer). ``rank_layers`` is, per pipeline
+    rank, the ``[start, stop)`` layers of each chunk it held, in its chunk order (one chunk per rank without
+    virtual stages; read from a checkpoint saved before it was recorded as one stage per rank).
     """
 
     path: Path
@@ -49,6 +56,7 @@ class CheckpointInfo:
     step: int
     train_batch_size: int
     stage_boundaries: list[int] | None
+    rank_layers: list[list[list[int]]] | None = None
 
 
 @dataclass(frozen=True)
@@ -85,6 +93,7 @@ def save_checkpoint(engine: Any, save_dir: str | os.PathLike) -> Path:
         "step": engine.global_steps,
         "train_batch_size": engine.train_batch_size(),
         "stage_boundaries": _stage_boundaries(engine),
+        "rank_layers": _rank_layers(engine),
         "optimizer_param_names": _optimizer_param_names(engine),
         "random_states": random_states,
     }
@@ -101,6 +110,32 @@ def _stage_boundaries(engine: Any) -> list[int] | None:
     from deepspeed.pipe import PipelineModule
 
     return list(engine.module.parts) if isinstance(engine.module, PipelineModule) else None
+
+
+def _rank_layers(engine: Any) -> list[list[list[int]]] | None:
+    """Per pipeline rank, the ``[start, stop)`` layers of each chunk it holds, in its chunk order: the parameters,
+    in the order of its optimizer state, that each rank's ``mp_rank_XX`` file holds."""
+    from deepspeed.pipe import PipelineModule
+
+    module = engine.module
+    if not isinstance(module, PipelineModule):
+        return None
+    layout = getattr(module, "layout", None)
+    if layout is None:  # DeepSpeed's own modules: DualPipeVModule holds two stages per rank in a V
+        ranks = len(module.parts) - 1
+        layout = Layout(ranks // 2, 2, "v") if hasattr(module, "phase_bounds") else Layout(ranks)
+    return layers_per_rank(list(module.parts), layout)
+
+
+def layers_per_rank(boundaries: Sequence[int], layout: Layout) -> list[list[list[int]]]:
+    """Per rank of ``layout``, the ``[start, stop)`` layers of each of its chunks, in its chunk order, for the
+    stages cut at ``boundaries`` (``layout.stages + 1`` of them)."""
+    if len(boundaries) != layout.stages + 1:
+        raise ValueError(f"{layout} places {layout.stages} stages, not the {len(boundaries) - 1} of {list(boundaries)}")
+    return [
+        [[boundaries[stage], boundaries[stage + 1]] for stage in (layout.stage(rank, c) for c in range(layout.chunks))]
+        for rank in range(layout.ranks)
+    ]
 
 
 def _optimizer_param_names(engine: Any) -> list[list[str]] | None:
@@ -170,12 +205,17 @@ def read_checkpoint(load_dir: str | os.PathLike, tag: str | None = None) -> Chec
                 f"checkpoint {path} is incomplete: {stage_file.name} is missing; {_earlier(load_dir)}"
             )
         _load_file(stage_file, weights_only=False)
+    boundaries = state["stage_boundaries"]
+    rank_layers = state.get("rank_layers")
+    if rank_layers is None and boundaries is not None:  # saved before the layers per rank were recorded
+        rank_layers = layers_per_rank(boundaries, Layout(len(boundaries) - 1))
     return CheckpointInfo(
         path=path,
         tag=tag,
         step=state["step"],
         train_batch_size=state["train_batch_size"],
-        stage_boundaries=state["stage_boundaries"],
+        stage_boundaries=boundaries,
+        rank_layers=rank_layers,
     )
 
 
@@ -275,21 +315,25 @@ def _check_same_tensors(expected: dict[str, Any], saved: dict[str, Any], path: P
 def load_checkpoint(engine: Any, info: CheckpointInfo) -> ResumePoint:
     """Load ``info``'s checkpoint into ``engine`` and restore this rank's random state.
 
-    With the stage boundaries it was saved with, this is ``engine.load_checkpoint``. With other boundaries (another
-    partition or stage count) DeepSpeed's per-stage optimizer state would land on the wrong parameters, so the
-    weights come from DeepSpeed (one file per layer, any layout) and the optimizer state is put together by
-    parameter name from every stage's file. Call it last, after building data loaders: creating a ``DataLoader``
-    iterator draws from torch's generator. A collective.
+    Where every pipeline rank holds the layers it held when saved, this is ``engine.load_checkpoint``. Otherwise
+    (another partition, stage count, chunk count or placement) DeepSpeed's per-stage optimizer state would land on
+    the wrong parameters, so the weights come from DeepSpeed (one file per layer, any layout) and the optimizer
+    state is put together by parameter name from every stage's file. Call it last, after building data loaders:
+    creating a ``DataLoader`` iterator draws from torch's generator. A collective.
     """
     from deepspeed import comm as dist
 
-    same_layout = _stage_boundaries(engine) == info.stage_boundaries
+    same_layout = _rank_layers(engine) == info.rank_layers
     if not same_layout and engine.optimizer is not None and not isinstance(engine.optimizer, torch.optim.Optimizer):
+        if _stage_boundaries(engine) == info.stage_boundaries:
+            saved, now = f"layers per pipeline rank {info.rank_layers}", f"{_rank_layers(engine)}"
+        else:
+            saved, now = f"stage boundaries {info.stage_boundaries}", f"{_stage_boundaries(engine)}"
         raise ValueError(
-            f"checkpoint {info.path} was saved with stage boundaries {info.stage_boundaries}, this run has "
-            f"{_stage_boundaries(engine)}: the state of {type(engine.optimizer).__name__} (ZeRO, fp16 or bf16) is "
-            "stored per stage and cannot follow; resume with the saved boundaries "
-            f"(partition_method='manual:{','.join(map(str, info.stage_boundaries or []))}' and as many stages)"
+            f"checkpoint {info.path} was saved with {saved}, this run has {now}: the state of "
+            f"{type(engine.optimizer).__name__} (ZeRO, fp16 or bf16) is stored per stage and cannot follow; resume "
+            f"with the saved boundaries (partition_method='manual:{','.join(map(str, info.stage_boundaries or []))}'),"
+            " as many stages and the same schedule placement and chunk count"
         )
     load_path, client_state = engine.load_checkpoint(
         os.fspath(info.path.parent), tag=info.tag, load_optimizer_states=same_layout

@@ -6,6 +6,7 @@ under DeepSpeed's launcher on CPU ranks, as ``test_training`` does.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -23,6 +24,7 @@ import torch
 from launch import (
     DEEPSPEED,
     EXAMPLE,
+    GPT_EXAMPLE,
     ROOT,
     free_port,
     import_script,
@@ -38,11 +40,13 @@ import ds_pipe_ext
 from ds_pipe_ext import watchdog
 from ds_pipe_ext.checkpoint import (
     check_checkpoint,
+    layers_per_rank,
     load_checkpoint,
     read_checkpoint,
     repeating_loader,
     save_checkpoint,
 )
+from ds_pipe_ext.schedules import Layout
 from ds_pipe_ext.watchdog import EXIT_PEER_DIED, Peer, PeerWatchdog
 
 # ---- a one-rank pipeline in this process -----------------------------------------------------------------------
@@ -73,9 +77,14 @@ class TinyData(torch.utils.data.Dataset):
         return torch.randn(6, generator=torch.Generator().manual_seed(index)), index % 3
 
 
-def tiny_engine(training_data=None):
+def tiny_engine(training_data=None, schedule=None, virtual_stages=1):
     module = ds_pipe_ext.PipelineModule(
-        layers=tiny_layers(), num_stages=1, loss_fn=nn.CrossEntropyLoss(), partition_method="uniform"
+        layers=tiny_layers(),
+        num_stages=1,
+        loss_fn=nn.CrossEntropyLoss(),
+        partition_method="uniform",
+        schedule=schedule,
+        virtual_stages=virtual_stages,
     )
     engine, _, _, _ = ds_pipe_ext.initialize(
         model=module, model_parameters=module.parameters(), config=CONFIG, training_data=training_data
@@ -113,6 +122,44 @@ def test_a_resumed_run_continues_exactly_across_an_epoch(tiny_run):
     assert (point.optimizer, point.random_state, resumed.global_steps) == ("restored", True, 2)
     # Bit for bit, dropout masks included.
     assert [resumed.train_batch().item() for _ in range(5)] == uninterrupted
+
+
+def test_the_layers_per_rank_tell_virtual_placements_apart():
+    """The same boundaries put other layers on a rank with the loop placement, the v placement and no chunks."""
+    boundaries = [0, 2, 4, 6, 8]
+    assert layers_per_rank(boundaries, Layout(2, 2, "loop")) == [[[0, 2], [4, 6]], [[2, 4], [6, 8]]]
+    assert layers_per_rank(boundaries, Layout(2, 2, "v")) == [[[0, 2], [6, 8]], [[2, 4], [4, 6]]]
+    assert layers_per_rank(boundaries, Layout(4)) == [[[0, 2]], [[2, 4]], [[4, 6]], [[6, 8]]]
+    with pytest.raises(ValueError, match=r"places 4 stages, not the 2 of \[0, 4, 8\]"):
+        layers_per_rank([0, 4, 8], Layout(2, 2))
+
+
+def test_a_checkpoint_whose_ranks_held_other_layers_is_re_keyed_even_with_the_same_boundaries(
+    single_rank_group, tmp_path
+):
+    """With virtual stages the boundaries do not say which layers a rank's optimizer file is for (the loop and
+    the v placement cut alike put other stages on a rank): ``load_checkpoint`` compares the layers of each rank.
+    Here one rank holds two chunks; the same checkpoint, told that the rank held them in the other order, is
+    re-keyed by parameter name instead of loaded by position, and both resume exactly."""
+
+    def engine_at(step: int):
+        engine = tiny_engine(schedule="interleaved-1f1b", virtual_stages=2)
+        engine.set_dataloader(repeating_loader(engine, TinyData(), step))
+        return engine
+
+    engine = engine_at(0)
+    for _ in range(2):
+        engine.train_batch()
+    save_checkpoint(engine, tmp_path)
+    uninterrupted = [engine.train_batch().item() for _ in range(3)]
+    saved = read_checkpoint(tmp_path)
+    assert (saved.stage_boundaries, saved.rank_layers) == ([0, 2, 4], [[[0, 2], [2, 4]]])
+    swapped = replace(saved, rank_layers=[[[2, 4], [0, 2]]])
+    rekeyed = "re-keyed by parameter name for the new stage layout"
+    for checkpoint, optimizer in [(saved, "restored"), (swapped, rekeyed)]:
+        resumed = engine_at(checkpoint.step)
+        assert load_checkpoint(resumed, checkpoint).optimizer == optimizer
+        assert [resumed.train_batch().item() for _ in range(3)] == uninterrupted
 
 
 @pytest.mark.parametrize("steps", [0, 2, 3, 7])
@@ -388,6 +435,78 @@ def test_a_resumed_run_has_the_losses_of_one_that_never_stopped(stopped_run, nam
     assert [step["step"] for step in resumed["steps"]] == [3, 4]
     expected = losses(uninterrupted)[2:]
     assert expected[0] != expected[1] != losses(uninterrupted)[1]  # the steps differ, so equality means something
+    torch.testing.assert_close(torch.tensor(losses(resumed)), torch.tensor(expected), rtol=1e-6, atol=0)
+
+
+# The GPT example (no dropout: every layout computes the same numbers) stopped after step 2 of 4 with one chunk per
+# rank and with two, and resumed onto other layouts. name: (the run it resumes, ranks, example arguments).
+VIRTUAL_SOURCES = {
+    "1f1b": ["-p", "2"],
+    "interleaved-1f1b": ["-p", "2", "--schedule", "interleaved-1f1b", "--partition", "uniform"],
+}
+VIRTUAL_RESUMED = {
+    "1f1b into interleaved-1f1b": ("1f1b", 2, ["-p", "2", "--schedule", "interleaved-1f1b", "--partition", "uniform"]),
+    "interleaved-1f1b into 1f1b": ("interleaved-1f1b", 2, ["-p", "2"]),
+    # the same boundaries [0, 2, 4, 6, 8], rank 0 holding stages 0 and 3 instead of 0 and 2
+    "interleaved-1f1b into zb-v": ("interleaved-1f1b", 2, ["-p", "2", "--schedule", "zb-v", "--partition", "uniform"]),
+    "interleaved-1f1b into one stage": ("interleaved-1f1b", 1, ["-p", "1"]),
+}
+
+
+def launch_runs(tmp: Path, runs: dict[str, list[str]], ranks: int) -> None:
+    """Several GPT example runs in one launch (``tests/scripts/example_runs.py``), each logging to tmp/NAME.json."""
+    spec = tmp / f"runs_{len(list(tmp.glob('runs_*.json')))}.json"
+    runs = {name: [*args, "--log-json", str(tmp / f"{name}.json")] for name, args in runs.items()}
+    spec.write_text(json.dumps({"script": str(GPT_EXAMPLE.relative_to(ROOT)), "runs": runs}))
+    result = launch(ROOT / "tests" / "scripts" / "example_runs.py", [str(spec)], ranks=ranks, timeout=900)
+    if result.returncode != 0:
+        output = f"{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
+        raise AssertionError(f"the runs {list(runs)} failed ({result.returncode}):\n{output}")
+
+
+@pytest.fixture(scope="module")
+def virtual_resumes(tmp_path_factory) -> dict[str, dict]:
+    """Three launches: both stopped runs on 2 ranks (4 steps, a checkpoint every 2, the last one then removed),
+    the 2-rank resumes, and the one-rank resume."""
+    tmp = tmp_path_factory.mktemp("virtual_resume")
+    config = write_config(tmp / "ds_config.json", train_batch=32, micro_batch=4)
+    common = ["--deepspeed_config", str(config), "--steps", "4"]
+    save = ["--save-interval", "2", "--save-dir"]
+    launch_runs(
+        tmp, {name: [*common, *args, *save, str(tmp / f"{name}_ckpt")] for name, args in VIRTUAL_SOURCES.items()}, 2
+    )
+    for name in VIRTUAL_SOURCES:
+        shutil.rmtree(tmp / f"{name}_ckpt" / "global_step4")
+        (tmp / f"{name}_ckpt" / "latest").write_text("global_step2")
+    for ranks in (2, 1):
+        runs = {
+            name.replace(" ", "_"): [*common, *args, "--resume", str(tmp / f"{source}_ckpt")]
+            for name, (source, on_ranks, args) in VIRTUAL_RESUMED.items()
+            if on_ranks == ranks
+        }
+        launch_runs(tmp, runs, ranks)
+    names = [*VIRTUAL_SOURCES, *(name.replace(" ", "_") for name in VIRTUAL_RESUMED)]
+    return {name: json.loads((tmp / f"{name}.json").read_text()) for name in names} | {"tmp": tmp}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", VIRTUAL_RESUMED)
+def test_a_run_resumed_to_or_from_virtual_stages_has_the_losses_of_one_that_never_stopped(virtual_resumes, name):
+    """Steps 3-4 within 1e-6 relative of the stopped run's own (measured: equal, or one float32 step apart, 6.2e-8
+    relative, where the resumed layout sums in another order than the stopped one), the optimizer state re-keyed by
+    parameter name; the tied embedding's second copy (rank 1's, with the loop placement) comes from the one file."""
+    source, _, _ = VIRTUAL_RESUMED[name]
+    uninterrupted, resumed = virtual_resumes[source], virtual_resumes[name.replace(" ", "_")]
+    checkpoint = virtual_resumes["tmp"] / f"{source}_ckpt" / "global_step2"
+    assert uninterrupted["checkpoints"][0] == str(checkpoint)
+    assert resumed["resumed_from"] == {
+        "checkpoint": str(checkpoint),
+        "step": 2,
+        "optimizer": "re-keyed by parameter name for the new stage layout",
+    }
+    assert [step["step"] for step in resumed["steps"]] == [3, 4]
+    expected = losses(uninterrupted)[2:]
+    assert expected[0] != expected[1] != losses(uninterrupted)[1]
     torch.testing.assert_close(torch.tensor(losses(resumed)), torch.tensor(expected), rtol=1e-6, atol=0)
 
 
