@@ -501,7 +501,9 @@ def test_killing_a_rank_mid_step_ends_the_job_naming_it(tmp_path):
     output = "".join(lines)
     assert status != 0
     # "died (rank 0 got ...)" when rank 0's own collective failed before its watchdog looked
-    named = re.search(rf"\[ds_pipe_ext\] rank 1 \(pid {victim.pid}\) on \S+ died( \(rank 0 got [^\n]*\))?; rank 0 stops too", output)
+    named = re.search(
+        rf"\[ds_pipe_ext\] rank 1 \(pid {victim.pid}\) on \S+ died( \(rank 0 got [^\n]*\))?; rank 0 stops too", output
+    )
     assert named, output[-3000:]
     print(f"kill to exit: {seconds:.1f} s")
     assert seconds < 60
