@@ -99,8 +99,9 @@ def check_schedule_fits(name: str, ranks: int, micro_batches: int | None, chunks
         return
     schedule = get_schedule(name)
     check_sizes = getattr(schedule, "check_sizes", None)
-    if check_sizes is not None:
+    if check_sizes is not None:  # written for one size (csv:PATH)
         check_sizes(ranks, micro_batches)
+        schedule.with_chunks(chunks)  # the file's chunks per rank, or an error naming both counts
     if micro_batches is not None:
         schedule = schedule.with_chunks(chunks) if chunks > 1 else schedule
         schedule(micro_batches=micro_batches, stages=ranks, stage_id=0)
