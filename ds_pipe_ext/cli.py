@@ -61,12 +61,22 @@ def _cost(text: str) -> float | list[float]:
 
 
 def _add_schedule(sub) -> None:
-    parser = sub.add_parser("schedule", help="simulate a training schedule, check it and draw its timeline")
-    parser.add_argument(
-        "--schedule", default="1f1b", help="a registered schedule (gpipe, 1f1b, ...) or deepspeed (its TrainSchedule)"
+    parser = sub.add_parser(
+        "schedule",
+        help="simulate a training schedule, check it and draw its timeline; read or write torch's action CSV",
+        description="NAME (or --schedule NAME) is a registered schedule or csv:PATH, a schedule written as "
+        "torch.distributed.pipelining action text (its rows give the stages, chunks and micro-batches).",
     )
-    parser.add_argument("--stages", type=int, required=True, help="pipeline stages K")
-    parser.add_argument("--micro-batches", type=int, required=True, help="micro-batches per batch M")
+    parser.add_argument("name", nargs="?", default=None, metavar="NAME", help="the schedule (same as --schedule)")
+    parser.add_argument(
+        "--schedule",
+        default=None,
+        help="a registered schedule (gpipe, 1f1b, ...), deepspeed (its TrainSchedule) or csv:PATH (default 1f1b)",
+    )
+    parser.add_argument("--stages", type=int, default=None, help="pipeline stages K (a csv:PATH: its rows)")
+    parser.add_argument(
+        "--micro-batches", type=int, default=None, help="micro-batches per batch M (a csv:PATH: its own)"
+    )
     parser.add_argument(
         "--virtual-stages",
         type=int,
@@ -75,6 +85,9 @@ def _add_schedule(sub) -> None:
         help="chunks per stage for a virtual-stage schedule (default: the schedule's own, 2)",
     )
     parser.add_argument("--out", default=None, help="picture to write, .png or .svg")
+    parser.add_argument(
+        "--csv", default=None, metavar="OUT", help="also write the schedule as torch's action CSV (one row per rank)"
+    )
     for kind, default in (("forward", 1), ("backward", 2), ("send", 0)):
         explain = f"{kind} time: one number or one per stage (default {default})"
         parser.add_argument(f"--{kind}-cost", type=_cost, default=None, help=explain)
@@ -86,37 +99,60 @@ def _run_schedule(args: argparse.Namespace) -> int:
 
     from .observe.simulation import ideal_bubble_fraction, simulate
 
-    schedule = args.schedule
     costs = {kind: getattr(args, f"{kind}_cost") for kind in ("forward", "backward", "send")}
     costs = {kind: value for kind, value in costs.items() if value is not None}
     try:
-        if args.virtual_stages is not None:
-            from .module import virtual_placement
-            from .schedules import get_schedule
-
-            virtual_placement(schedule, args.virtual_stages)  # a ValueError naming the fix if it cannot
-            schedule = get_schedule(schedule).with_chunks(args.virtual_stages)
+        name, stages, micro_batches, schedule = _chosen_schedule(args)
         if args.out:
             from .observe.draw import draw_schedule
 
-            result = draw_schedule(schedule, args.stages, args.micro_batches, args.out, costs)
+            result = draw_schedule(schedule, stages, micro_batches, args.out, costs)
         else:
-            result = simulate(schedule, args.stages, args.micro_batches, costs)
+            result = simulate(schedule, stages, micro_batches, costs)
+        if args.csv:
+            from pathlib import Path
+
+            from .schedules import write_actions
+
+            Path(args.csv).write_text(write_actions(schedule, stages, micro_batches))
     except ValueError as error:
         print(f"ds-pipe schedule: error: {error}", file=sys.stderr)
         return 2
-    ideal = ideal_bubble_fraction(args.stages, args.micro_batches)
+    ideal = ideal_bubble_fraction(stages, micro_batches)
     layout = result.layout
     virtual = (
         f" x {layout.chunks} chunks placed '{layout.placement}' ({layout.stages} in all)" if layout.chunks > 1 else ""
     )
-    print(f"{args.schedule}: {args.stages} stages{virtual}, {args.micro_batches} micro-batches")
+    print(f"{name}: {stages} stages{virtual}, {micro_batches} micro-batches")
     print(f"bubble fraction: {result.bubble_fraction:.4f}  ((K-1)/(M+K-1) = {ideal:.4f})")
     print(f"makespan: {result.makespan:g}")
     print(f"peak buffers per stage: {' '.join(str(peak) for peak in result.peak_buffers)}")
-    if args.out:
-        print(f"wrote {args.out}")
+    for written in (args.out, args.csv):
+        if written:
+            print(f"wrote {written}")
     return 0
+
+
+def _chosen_schedule(args: argparse.Namespace) -> tuple[str, int, int, str | type]:
+    """The schedule ``ds-pipe schedule`` looks at: its name, stages, micro-batches, and the name or (with
+    --virtual-stages) the class with those chunks. A csv:PATH brings its own sizes; given ones must match them."""
+    from .config import check_schedule_fits
+    from .module import virtual_placement
+    from .schedules import get_schedule
+
+    if args.name and args.schedule and args.name != args.schedule:
+        raise ValueError(f"the schedule is named twice, differently: {args.name!r} and --schedule {args.schedule!r}")
+    name = args.name or args.schedule or "1f1b"
+    schedule = get_schedule(name)
+    table = getattr(schedule, "table", None)  # read from a file: it knows its sizes
+    stages = args.stages or (table and table.layout.ranks)
+    micro_batches = args.micro_batches or (table and table.micro_batches)
+    if not stages or not micro_batches:
+        raise ValueError(f"schedule {name!r} needs --stages K and --micro-batches M")
+    chunks = args.virtual_stages if args.virtual_stages is not None else getattr(schedule, "chunks", 1)
+    virtual_placement(name, chunks)  # a ValueError naming the fix if it cannot
+    check_schedule_fits(name, stages, micro_batches, chunks)
+    return name, stages, micro_batches, name if args.virtual_stages is None else schedule.with_chunks(chunks)
 
 
 _SUBCOMMANDS.append(_add_schedule)

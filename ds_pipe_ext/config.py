@@ -11,9 +11,16 @@ from __future__ import annotations
 from typing import Any
 
 from .compat import load_ds_config
-from .schedules.registry import AUTO_SCHEDULE, DEFAULT_SCHEDULE, schedule_name
+from .observe.simulation import validate
+from .schedules.registry import AUTO_SCHEDULE, DEFAULT_SCHEDULE, get_schedule, schedule_name, schedule_source
 
-__all__ = ["gradient_accumulation_steps", "load_config", "resolve_schedule"]
+__all__ = [
+    "check_schedule_fits",
+    "check_schedule_source",
+    "gradient_accumulation_steps",
+    "load_config",
+    "resolve_schedule",
+]
 
 
 def load_config(args: Any = None, config: Any = None) -> dict:
@@ -63,6 +70,8 @@ def resolve_schedule(schedule: str | None, config: dict, module: Any = None, def
                 f"the schedule is named twice, differently: {name!r} in {first_where} and {other!r} in {where}; "
                 "name it once, or the same in both places"
             )
+    if schedule_source(name) is not None:
+        check_schedule_source(name)
     planned = getattr(module, "partition_schedule", None)
     if planned is not None and planned != name:
         raise ValueError(
@@ -70,6 +79,32 @@ def resolve_schedule(schedule: str | None, config: dict, module: Any = None, def
             f"uses {name!r} ({first_where}): pass schedule={name!r} to PipelineModule"
         )
     return name
+
+
+def check_schedule_source(name: str) -> None:
+    """Replay a schedule read from a file (``csv:PATH``) at the sizes it was written for, once it is chosen: a
+    missing or repeated pass, a W before its I, or passes no order across ranks can satisfy is refused here,
+    naming the file's row, column and action (:func:`ds_pipe_ext.observe.simulation.validate`)."""
+    schedule = get_schedule(name)
+    table = getattr(schedule, "table", None)
+    if table is not None:
+        validate(schedule, table.layout.ranks, table.micro_batches)
+
+
+def check_schedule_fits(name: str, ranks: int, micro_batches: int | None, chunks: int = 1) -> None:
+    """Refuse, before any collective, a schedule that cannot run ``ranks`` pipeline ranks of ``chunks`` chunks and
+    ``micro_batches`` micro-batches: a CSV written for other sizes (the error names both numbers), interleaved
+    rounds that do not divide the micro-batches. ``micro_batches`` None: only what the ranks decide."""
+    if name == AUTO_SCHEDULE:
+        return
+    schedule = get_schedule(name)
+    check_sizes = getattr(schedule, "check_sizes", None)
+    if check_sizes is not None:  # written for one size (csv:PATH)
+        check_sizes(ranks, micro_batches)
+        schedule.with_chunks(chunks)  # the file's chunks per rank, or an error naming both counts
+    if micro_batches is not None:
+        schedule = schedule.with_chunks(chunks) if chunks > 1 else schedule
+        schedule(micro_batches=micro_batches, stages=ranks, stage_id=0)
 
 
 def gradient_accumulation_steps(config: dict, data_parallel_size: int) -> int:

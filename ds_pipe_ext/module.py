@@ -18,9 +18,10 @@ from deepspeed import comm as dist
 from deepspeed.accelerator import get_accelerator
 from deepspeed.utils import logger
 
+from .config import check_schedule_fits
 from .partition import PartitionContext, SampleInput, get_partition_method, partition_report
 from .planner import auto  # noqa: F401  (registers partition_method="auto")
-from .schedules import AUTO_SCHEDULE, Layout, available_schedules, get_schedule, schedule_name
+from .schedules import AUTO_SCHEDULE, Layout, available_schedules, get_schedule, schedule_name, schedule_source
 
 _DEEPSPEED_INIT = inspect.signature(deepspeed.pipe.PipelineModule.__init__)
 
@@ -47,7 +48,8 @@ class PipelineModule(deepspeed.pipe.PipelineModule):
         profile_cache: a JSON file where ``profile`` keeps its measurements, so restarts agree and skip measuring.
         virtual_stages: model chunks per pipeline rank (virtual stages): the partition cuts ranks x virtual_stages
             stages, placed as the schedule needs them (loop: rank r holds stages r, r + K, ...; v: r and 2K-1-r),
-            for schedules such as ``interleaved-1f1b``, ``zb-v`` and ``dualpipev``. Name the schedule too.
+            for schedules such as ``interleaved-1f1b``, ``zb-v`` and ``dualpipev``. Name the schedule too; a
+            ``csv:PATH`` schedule runs exactly the chunks and placement its rows hold.
     """
 
     def __init__(
@@ -70,6 +72,8 @@ class PipelineModule(deepspeed.pipe.PipelineModule):
         schedule = schedule and schedule_name(schedule)
         self.virtual_stages = virtual_stages
         self.placement = virtual_placement(schedule, virtual_stages)
+        if ranks is not None and schedule and schedule_source(schedule):  # a file written for other sizes
+            check_schedule_fits(schedule, ranks, micro_batches, virtual_stages)
         num_stages = None if ranks is None else ranks * virtual_stages
         self._partition_context = PartitionContext(
             layers=arguments["layers"],
@@ -203,6 +207,8 @@ def virtual_placement(schedule: str | None, virtual_stages: int) -> str:
             f"virtual_stages must be a whole number of chunks per rank, at least 1, got {virtual_stages!r}"
         )
     schedule_cls = get_schedule(schedule) if schedule and schedule.lower() != AUTO_SCHEDULE else None
+    if hasattr(schedule_cls, "check_sizes"):  # written for one layout (csv:PATH): its chunks, or an error naming both
+        schedule_cls.with_chunks(virtual_stages)
     needed = getattr(schedule_cls, "chunks", 1)
     placement = getattr(schedule_cls, "placement", "loop")
     if virtual_stages > 1 and needed == 1:

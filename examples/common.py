@@ -48,7 +48,7 @@ from ds_pipe_ext.checkpoint import (
     repeating_loader,
     save_checkpoint,
 )
-from ds_pipe_ext.config import gradient_accumulation_steps, load_config, resolve_schedule
+from ds_pipe_ext.config import check_schedule_fits, gradient_accumulation_steps, load_config, resolve_schedule
 from ds_pipe_ext.module import virtual_placement
 from ds_pipe_ext.observe.trace import bubble_report, load_trace
 from ds_pipe_ext.partition import PartitionContext, get_partition_method
@@ -107,8 +107,8 @@ def argument_parser(description: str) -> argparse.ArgumentParser:
         "--schedule",
         default=None,
         help="pipeline schedule: a registered name (1f1b, gpipe, ...), 'deepspeed' for "
-        "DeepSpeed's untouched engine, or 'auto' with --partition auto (default: the config's pipeline.schedule, "
-        "else 1f1b)",
+        "DeepSpeed's untouched engine, 'auto' with --partition auto, or csv:PATH, torch.distributed.pipelining "
+        "action text (default: the config's pipeline.schedule, else 1f1b)",
     )
     parser.add_argument(
         "--virtual-stages",
@@ -117,7 +117,7 @@ def argument_parser(description: str) -> argparse.ArgumentParser:
         metavar="N",
         help="model chunks per pipeline rank, for the virtual-stage schedules (interleaved-1f1b, interleaved-zb, "
         "zb-v, dualpipev): the model is cut into -p x N stages (default: the schedule's own count, 2; 1 for the "
-        "others)",
+        "others; a csv:PATH schedule's, as its rows hold them)",
     )
     parser.add_argument("--log-json", default=None, help="rank 0 writes the run's settings and per-step losses here")
     parser.add_argument(
@@ -184,6 +184,8 @@ class RunPlan:
             self.config["train_batch_size"] // (self.micro_batches * self.data_parallel)
         )
         self.train_batch = self.micro_batch * self.micro_batches * self.data_parallel
+        if self.pipe:  # e.g. a csv:PATH schedule written for other sizes, naming both
+            check_schedule_fits(self.schedule, self.pipe, self.micro_batches, self.virtual_stages)
         with torch.device("meta"):  # shapes without memory, for the checks: the layer list, or the -p 0 module
             self.meta_network = example.layers() if self.pipe else example.model()
         if self.pipe:

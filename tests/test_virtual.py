@@ -31,6 +31,7 @@ from launch import (
     write_config,
 )
 from torch import nn
+from torch_oracle import Order, torch_order
 
 from ds_pipe_ext import PipelineModule
 from ds_pipe_ext.cli import main
@@ -51,30 +52,6 @@ TORCH_EQUIVALENTS = {
 VIRTUAL = list(TORCH_EQUIVALENTS)
 RANKS = range(2, 7)
 MICRO_BATCHES = range(1, 17)
-
-Order = dict[int, list[tuple[str, int, int]]]  # rank -> (kind, micro-batch, global stage) per pass
-
-
-def torch_order(cls: type, ranks: int, micro_batches: int, chunks: int) -> Order | None:
-    """torch's per-rank compute order (``_calculate_single_rank_operations``, idle slots dropped, DualPipeV's
-    overlapped F+B pairs as their two passes), or None where torch's constructor refuses the sizes. Built without
-    a process group: only the attributes the order reads are set, as its ``__init__`` sets them."""
-    schedule = cls.__new__(cls)
-    schedule.pp_group_size, schedule._n_microbatches, schedule.n_local_stages = ranks, micro_batches, chunks
-    schedule.num_stages = schedule._num_stages = ranks * chunks
-    if cls in (torch_schedules.ScheduleInterleaved1F1B, torch_schedules.ScheduleInterleavedZeroBubble):
-        schedule.number_of_rounds = max(1, micro_batches // ranks)
-        schedule.microbatches_per_round = micro_batches // schedule.number_of_rounds
-        if micro_batches % schedule.number_of_rounds:
-            return None  # torch raises: "requires the number of microbatches to be a multiple of the rounds"
-    if cls is torch_schedules.ScheduleDualPipeV and micro_batches < schedule._num_stages:
-        return None  # torch raises: "requires at least as many microbatches as stages"
-    order = {}
-    for rank in range(ranks):
-        actions = [action for action in schedule._calculate_single_rank_operations(rank) if action is not None]
-        passes = [sub for action in actions for sub in (action.sub_actions or (action,))]
-        order[rank] = [(p.computation_type.value, p.microbatch_index, p.stage_index) for p in passes]
-    return order
 
 
 def our_order(name: str, ranks: int, micro_batches: int, chunks: int) -> Order | None:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from .. import compat
-from ..config import load_config, resolve_schedule
+from ..config import check_schedule_fits, gradient_accumulation_steps, load_config, resolve_schedule
 from ..schedules import DEEPSPEED_BUILTIN, DEFAULT_SCHEDULE, get_schedule
 from .pipeline_engine import SchedulePipelineEngine
 
@@ -87,9 +87,14 @@ def initialize(
             "schedule unset (or 'deepspeed') for it"
         )
 
+    chunks = getattr(model, "virtual_stages", 1)
+    try:
+        micro_batches = gradient_accumulation_steps(config_dict, model._topo.get_dim("data"))
+    except ValueError:  # a config DeepSpeed completes itself: its micro-batches are known only to the engine
+        micro_batches = None
+    check_schedule_fits(name, model._topo.get_dim("pipe"), micro_batches, chunks)
     engine, engine_optimizer, loader, scheduler = deepspeed.initialize(**ds_kwargs)
     schedule_cls = get_schedule(name)
-    chunks = getattr(model, "virtual_stages", 1)
     if chunks > 1:
         schedule_cls = schedule_cls.with_chunks(chunks)
     tracer = None

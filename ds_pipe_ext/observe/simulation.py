@@ -313,7 +313,15 @@ def simulate(
         )
     layout = getattr(schedule_class(micro_batches=micro_batches, stages=stages, stage_id=0), "layout", None)
     per_stage = _per_stage_costs(costs or {}, layout or Layout(stages))
-    timeline, peaks, chunk_peaks, held = _replay(schedule_class, stages, micro_batches, per_stage, backend, transport)
+    try:
+        timeline, peaks, chunk_peaks, held = _replay(
+            schedule_class, stages, micro_batches, per_stage, backend, transport
+        )
+    except ScheduleError as error:
+        locate = getattr(schedule_class, "locate", None)  # a schedule read from a file names the file's cells
+        if locate is None:
+            raise
+        raise ScheduleError(locate(str(error))) from None
     return SimulationResult(stages, micro_batches, timeline, peaks, chunk_peaks, layout, held)
 
 

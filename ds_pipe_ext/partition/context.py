@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ..observe.simulation import simulate
-from ..schedules import AUTO_SCHEDULE, DEFAULT_SCHEDULE, Layout, get_schedule
+from ..schedules import AUTO_SCHEDULE, DEFAULT_SCHEDULE, Layout, get_schedule, schedule_name
 from ..schedules.instructions import splits_backward
 from .costs import LayerCosts, LayerStats, count_layer_stats, shared_layer_costs
 from .solver import StageCost
@@ -55,7 +55,7 @@ class PartitionContext:
     @property
     def schedule_name(self) -> str:
         """The schedule the partition plans for."""
-        return (self.schedule or DEFAULT_SCHEDULE).lower()
+        return schedule_name(self.schedule or DEFAULT_SCHEDULE)  # csv:PATH keeps its path as written
 
     def simulated_schedule(self) -> type:
         """The schedule class the partition plans for, with this context's chunks per rank."""
