@@ -164,6 +164,7 @@ def run_pipeline(cfg: dict, world: int) -> dict:
             report = bubble_report(load_trace(path))
             result["bubble"] = {
                 "measured": report.measured,
+                "measured_pipelined": report.measured_pipelined,
                 "measured_per_stage": report.measured_per_stage,
                 "theoretical": report.theoretical,
                 "predicted": report.predicted,

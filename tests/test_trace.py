@@ -8,7 +8,7 @@ import pytest
 from deepspeed.runtime.pipe import schedule as ds
 
 from ds_pipe_ext.cli import main
-from ds_pipe_ext.observe.simulation import simulate
+from ds_pipe_ext.observe.simulation import TimelineEvent, simulate, stage_bubble_fractions
 from ds_pipe_ext.observe.trace import InstructionTracer, bubble_report, chrome_trace, load_trace
 from ds_pipe_ext.schedules import get_schedule
 from ds_pipe_ext.schedules.instructions import transfer_runs
@@ -48,6 +48,7 @@ def test_measured_bubble_of_a_simulated_trace_is_the_simulators(tmp_path, schedu
     assert (run.schedule, run.stages, run.replicas, run.steps, run.micro_batches) == (schedule, 2, 1, 2, 6)
     report = bubble_report(run)
     assert report.measured == pytest.approx(result.bubble_fraction)
+    assert report.measured_pipelined == pytest.approx(result.bubble_fraction)  # the simulated step is all passes
     assert report.predicted == pytest.approx(result.bubble_fraction)
     assert report.forward_cost == pytest.approx(COSTS["forward"])
     assert report.backward_cost == pytest.approx(COSTS["backward"])
@@ -128,3 +129,20 @@ def test_traced_run_holds_every_instruction_and_its_bubble_matches_the_simulator
     bubble = record["bubble"]
     assert abs(bubble["measured"] - bubble["predicted"]) <= 0.1, bubble
     assert bubble["theoretical"] == pytest.approx(1 / 9)
+
+
+def test_the_pipelined_bubble_leaves_out_what_comes_before_the_first_pass_and_after_the_last():
+    """Two stages, one micro-batch: each idles 2 while the other works, then a 2-long optimizer step on both. Over
+    the step both idle 4 of 6; between the first and the last pass, 2 of 4."""
+    events = [
+        TimelineEvent(0, ds.LoadMicroBatch, 0, 0.0, 0.0),
+        TimelineEvent(0, ds.ForwardPass, 0, 0.0, 1.0),
+        TimelineEvent(1, ds.ForwardPass, 0, 1.0, 2.0),
+        TimelineEvent(1, ds.BackwardPass, 0, 2.0, 3.0),
+        TimelineEvent(0, ds.BackwardPass, 0, 3.0, 4.0),
+        *(TimelineEvent(stage, ds.OptimizerStep, None, 4.0, 6.0) for stage in (0, 1)),
+    ]
+    assert stage_bubble_fractions(events, 2) == pytest.approx([4 / 6, 4 / 6])
+    assert stage_bubble_fractions(events, 2, window="passes") == pytest.approx([2 / 4, 2 / 4])
+    with pytest.raises(ValueError, match="window must be 'step' or 'passes'"):
+        stage_bubble_fractions(events, 2, window="all")

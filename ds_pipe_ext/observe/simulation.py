@@ -230,12 +230,17 @@ def ideal_bubble_fraction(stages: int, micro_batches: int) -> float:
     return (stages - 1) / (micro_batches + stages - 1)
 
 
-def stage_bubble_fractions(timeline: Sequence[TimelineEvent], stages: int) -> list[float]:
-    """Per stage, the share of the whole run's span it spends outside compute: idle, waiting or communicating."""
-    if not timeline:
+def stage_bubble_fractions(timeline: Sequence[TimelineEvent], stages: int, window: str = "step") -> list[float]:
+    """Per stage, the share of a span it spends outside compute: idle, waiting or communicating. ``window="step"``:
+    the whole timeline, so the loads, the gradient reductions and the optimizer step count as bubble too;
+    ``"passes"``: from the first pass on any stage to the last, the pipelined part that (K-1)/(M+K-1) describes."""
+    if window not in ("step", "passes"):
+        raise ValueError(f"window must be 'step' or 'passes', got {window!r}")
+    framing = [e for e in timeline if is_compute(e.instruction)] if window == "passes" else timeline
+    if not framing:
         return [0.0] * stages
-    start = min(event.start for event in timeline)
-    span = max(event.end for event in timeline) - start
+    start = min(event.start for event in framing)
+    span = max(event.end for event in framing) - start
     busy = [0.0] * stages
     for event in timeline:
         if is_compute(event.instruction):

@@ -225,7 +225,9 @@ class BubbleReport:
     simulator's prediction for the run's schedule from its measured per-stage pass times.
 
     The bubble is per pipeline rank; with virtual stages (``chunks`` per rank) the pass costs are per stage of the
-    model, each of the ``chunks x stages`` stages."""
+    model, each of the ``chunks x stages`` stages. ``measured`` spans the whole step (loads, gradient reductions and
+    the optimizer step count as bubble); ``measured_pipelined`` spans the passes only, from the first to the last
+    on any rank: the part (K-1)/(M+K-1) and the simulator describe."""
 
     stages: int
     micro_batches: int
@@ -237,6 +239,7 @@ class BubbleReport:
     backward_cost: list[float]
     send_cost: float
     chunks: int = 1
+    measured_pipelined: float | None = None
 
     def format(self) -> str:
         rank = "rank" if self.chunks > 1 else "stage"
@@ -246,9 +249,11 @@ class BubbleReport:
             for s, (f, b) in enumerate(zip(self.forward_cost, self.backward_cost))
         )
         virtual = f", {self.chunks} virtual stages per rank" if self.chunks > 1 else ""
+        passes = self.measured_pipelined
+        passes_only = f"; between the first and the last pass {passes:.3f}" if passes is not None else ""
         return (
-            f"bubble (K={self.stages}{virtual}, M={self.micro_batches}): measured {self.measured:.3f} ({per_stage}); "
-            f"GPipe/1F1B theory (K-1)/(M+K-1) {self.theoretical:.3f}; "
+            f"bubble (K={self.stages}{virtual}, M={self.micro_batches}): measured {self.measured:.3f} ({per_stage})"
+            f"{passes_only}; GPipe/1F1B theory (K-1)/(M+K-1) {self.theoretical:.3f}; "
             f"simulator from measured costs {self.predicted:.3f}\n"
             f"measured costs per micro-batch: {costs}; send {self.send_cost * 1e3:.2f} ms"
         )
@@ -257,10 +262,13 @@ class BubbleReport:
 def bubble_report(run: TracedRun, skip_steps: int = 1) -> BubbleReport:
     """Measure the bubble over every step after ``skip_steps`` warm-up steps and every replica."""
     keys = [key for key in run.timelines if key[0] >= min(skip_steps, run.steps - 1)]
-    per_stage = [
-        statistics.fmean(column)
-        for column in zip(*(stage_bubble_fractions(run.timelines[key], run.stages) for key in keys))
-    ]
+    per_stage, pipelined = (
+        [
+            statistics.fmean(column)
+            for column in zip(*(stage_bubble_fractions(run.timelines[key], run.stages, window) for key in keys))
+        ]
+        for window in ("step", "passes")
+    )
     traced = {event.instruction for key in keys for event in run.timelines[key]}
     costs = {
         spec.cost: _median_cost(run, keys, cls)
@@ -283,6 +291,7 @@ def bubble_report(run: TracedRun, skip_steps: int = 1) -> BubbleReport:
         backward,
         costs["send"],
         run.layout.chunks,
+        statistics.fmean(pipelined),
     )
 
 
