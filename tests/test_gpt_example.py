@@ -266,7 +266,7 @@ def test_a_run_resumed_on_other_stages_has_the_losses_of_one_that_never_stopped(
     shutil.copytree(stopped / "global_step2", checkpoints / "global_step2")
     (checkpoints / "latest").write_text("global_step2")
     resumed = oracle_run(tmp_path, "resumed", [*RUNS["gpipe"], "--steps", "5", "--resume", str(checkpoints)])
-    assert resumed["resumed_from"]["optimizer"] == "re-keyed by parameter name for the new stage boundaries"
+    assert resumed["resumed_from"]["optimizer"] == "re-keyed by parameter name for the new stage layout"
     assert [step["step"] for step in resumed["steps"]] == [3, 4, 5]
     expected = losses(oracle["1f1b"])[2:]
     torch.testing.assert_close(torch.tensor(losses(resumed)), torch.tensor(expected), rtol=1e-5, atol=0)

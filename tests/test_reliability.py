@@ -415,9 +415,9 @@ RESUMED = {
     "gpipe, other boundaries": (
         2,
         ["-p", "2", "--schedule", "gpipe", "--partition", "manual:0,21,22"],
-        "re-keyed by parameter name for the new stage boundaries",
+        "re-keyed by parameter name for the new stage layout",
     ),
-    "one stage on one rank": (1, ["-p", "1"], "re-keyed by parameter name for the new stage boundaries"),
+    "one stage on one rank": (1, ["-p", "1"], "re-keyed by parameter name for the new stage layout"),
 }
 
 
