@@ -151,7 +151,7 @@ def _chosen_schedule(args: argparse.Namespace) -> tuple[str, int, int, str | typ
         raise ValueError(f"schedule {name!r} needs --stages K and --micro-batches M")
     chunks = args.virtual_stages if args.virtual_stages is not None else getattr(schedule, "chunks", 1)
     virtual_placement(name, chunks)  # a ValueError naming the fix if it cannot
-    check_schedule_fits(name, stages, micro_batches, chunks)
+    check_schedule_fits(name, stages, micro_batches, chunks, on_this_deepspeed=False)
     return name, stages, micro_batches, name if args.virtual_stages is None else schedule.with_chunks(chunks)
 
 

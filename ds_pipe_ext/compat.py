@@ -284,6 +284,21 @@ def stock_pipeline_gradient_scale(stages: int, accumulation_steps: int) -> list[
     return [once * once] * (stages - 1) + [once]
 
 
+def check_loss_rank(placement: str, schedule: str) -> None:
+    """Refuse a placement whose last stage is not on the last pipeline rank (``v``) where DeepSpeed broadcasts the
+    loss from the last rank regardless: before 0.19.8 ``train_batch`` does not ask the engine
+    (``_loss_stage_global_rank``), and every rank would wait in a different broadcast."""
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+
+    if placement == "v" and not hasattr(PipelineEngine, "_loss_stage_global_rank"):
+        raise UnsupportedDeepSpeedError(
+            f"schedule {schedule!r} puts the last stage (the loss) on the first pipeline rank, but DeepSpeed "
+            f"{installed_deepspeed()} broadcasts the loss from the last rank only; run it on DeepSpeed "
+            f"{DUALPIPEV_SINCE} or later (pip install 'deepspeed>={DUALPIPEV_SINCE},<{NEXT_MINOR[0]}.{NEXT_MINOR[1]}'),"
+            " or use a loop-placed schedule (interleaved-1f1b, interleaved-zb)"
+        )
+
+
 def dualpipev(feature: str = "this") -> Any:
     """DeepSpeed's ``deepspeed.runtime.pipe.dualpipev`` module, or an :class:`UnsupportedDeepSpeedError` saying
     that ``feature`` needs DeepSpeed 0.19.8 or later."""

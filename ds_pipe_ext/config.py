@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .compat import load_ds_config
+from .compat import check_loss_rank, load_ds_config
 from .observe.simulation import validate
 from .schedules.registry import AUTO_SCHEDULE, DEFAULT_SCHEDULE, get_schedule, schedule_name, schedule_source
 
@@ -91,13 +91,18 @@ def check_schedule_source(name: str) -> None:
         validate(schedule, table.layout.ranks, table.micro_batches)
 
 
-def check_schedule_fits(name: str, ranks: int, micro_batches: int | None, chunks: int = 1) -> None:
+def check_schedule_fits(
+    name: str, ranks: int, micro_batches: int | None, chunks: int = 1, on_this_deepspeed: bool = True
+) -> None:
     """Refuse, before any collective, a schedule that cannot run ``ranks`` pipeline ranks of ``chunks`` chunks and
     ``micro_batches`` micro-batches: a CSV written for other sizes (the error names both numbers), interleaved
-    rounds that do not divide the micro-batches. ``micro_batches`` None: only what the ranks decide."""
+    rounds that do not divide the micro-batches; with ``on_this_deepspeed``, also a placement the installed
+    DeepSpeed cannot train. ``micro_batches`` None: only what the ranks decide."""
     if name == AUTO_SCHEDULE:
         return
     schedule = get_schedule(name)
+    if on_this_deepspeed and (chunks > 1 or getattr(schedule, "chunks", 1) > 1):
+        check_loss_rank(getattr(schedule, "placement", "loop"), name)
     check_sizes = getattr(schedule, "check_sizes", None)
     if check_sizes is not None:  # written for one size (csv:PATH)
         check_sizes(ranks, micro_batches)
