@@ -101,8 +101,6 @@ def check_schedule_fits(
     if name == AUTO_SCHEDULE:
         return
     schedule = get_schedule(name)
-    if on_this_deepspeed and (chunks > 1 or getattr(schedule, "chunks", 1) > 1):
-        check_loss_rank(getattr(schedule, "placement", "loop"), name)
     check_sizes = getattr(schedule, "check_sizes", None)
     if check_sizes is not None:  # written for one size (csv:PATH)
         check_sizes(ranks, micro_batches)
@@ -110,6 +108,8 @@ def check_schedule_fits(
     if micro_batches is not None:
         schedule = schedule.with_chunks(chunks) if chunks > 1 else schedule
         schedule(micro_batches=micro_batches, stages=ranks, stage_id=0)
+    if on_this_deepspeed and (chunks > 1 or getattr(schedule, "chunks", 1) > 1):
+        check_loss_rank(getattr(schedule, "placement", "loop"), name)
 
 
 def gradient_accumulation_steps(config: dict, data_parallel_size: int) -> int:

@@ -30,6 +30,28 @@ def skip_unless_deepspeed_averages() -> None:
         pytest.skip(f"DeepSpeed {installed_deepspeed()}'s own pipeline engine scales gradients another way")
 
 
+def trains_here(schedule: str) -> bool:
+    """Whether the installed DeepSpeed can train ``schedule``'s placement: before 0.19.8 it broadcasts the loss from
+    the last pipeline rank, so the v placement (zb-v, dualpipev) is refused there (``compat.check_loss_rank``)."""
+    from ds_pipe_ext import compat
+    from ds_pipe_ext.schedules import get_schedule
+
+    try:
+        compat.check_loss_rank(getattr(get_schedule(schedule), "placement", "loop"), schedule)
+    except compat.UnsupportedDeepSpeedError:
+        return False
+    return True
+
+
+def skip_unless_trains_here(schedule: str) -> None:
+    import pytest
+
+    from ds_pipe_ext.compat import installed_deepspeed
+
+    if not trains_here(schedule):
+        pytest.skip(f"DeepSpeed {installed_deepspeed()} broadcasts the loss from the last rank: {schedule} is refused")
+
+
 EXAMPLE = ROOT / "examples" / "alexnet_cifar" / "train.py"
 GPT_EXAMPLE = ROOT / "examples" / "gpt" / "train.py"
 DEEPSPEED = Path(sys.executable).with_name("deepspeed")

@@ -12,7 +12,7 @@ import re
 import pytest
 import torch
 import torch.distributed.pipelining.schedules as torch_schedules
-from launch import GPT_EXAMPLE, ROOT, import_script, launch, losses, write_config
+from launch import GPT_EXAMPLE, ROOT, import_script, launch, losses, skip_unless_trains_here, write_config
 from torch import nn
 from torch_oracle import dump_csv, torch_pipeline_order
 
@@ -259,6 +259,7 @@ def gpt_example():
 def test_the_example_runs_the_files_chunks_and_refuses_other_micro_batches(
     gpt_example, monkeypatch, tmp_path, written_from, chunks, placement
 ):
+    skip_unless_trains_here(written_from)
     monkeypatch.setenv("WORLD_SIZE", "2")
     path = write_file(tmp_path, write_actions(written_from, 2, 8, chunks))
     config = write_config(tmp_path / "ds_config.json", train_batch=32, micro_batch=4)

@@ -28,6 +28,8 @@ from launch import (
     layer_weights,
     losses,
     run_example,
+    skip_unless_trains_here,
+    trains_here,
     write_config,
 )
 from torch import nn
@@ -286,6 +288,7 @@ def run_plan(example, monkeypatch, tmp_path, args: list[str], world_size: int = 
     ],
 )
 def test_the_example_flag_defaults_to_the_schedules_chunks(gpt_example, monkeypatch, tmp_path, args, chunks, placement):
+    skip_unless_trains_here(args[1])
     plan = run_plan(gpt_example, monkeypatch, tmp_path, ["-p", "2", *args])
     assert (plan.virtual_stages, plan.placement) == (chunks, placement)
 
@@ -396,17 +399,8 @@ def test_every_virtual_schedule_trains_the_gpt_like_one_stage(virtual_oracle):
 
 
 def trainable_here(runs: dict[str, list[str]]) -> dict[str, list[str]]:
-    """The runs the installed DeepSpeed can train: before 0.19.8 it broadcasts the loss from the last pipeline rank,
-    so the v placement (zb-v, dualpipev) is refused there (``compat.check_loss_rank``); the loop placement runs on
-    every supported release."""
-    here = {}
-    for name, args in runs.items():
-        try:
-            compat.check_loss_rank(get_schedule(name).placement, name)
-        except compat.UnsupportedDeepSpeedError:
-            continue
-        here[name] = args
-    return here
+    """The runs whose placement the installed DeepSpeed can train (:func:`launch.trains_here`)."""
+    return {name: args for name, args in runs.items() if trains_here(name)}
 
 
 def test_the_v_placement_is_refused_where_deepspeed_broadcasts_the_loss_from_the_last_rank(monkeypatch):
