@@ -108,7 +108,7 @@ def check_schedule_fits(
     if micro_batches is not None:
         schedule = schedule.with_chunks(chunks) if chunks > 1 else schedule
         schedule(micro_batches=micro_batches, stages=ranks, stage_id=0)
-    if on_this_deepspeed and (chunks > 1 or getattr(schedule, "chunks", 1) > 1):
+    if on_this_deepspeed:
         check_loss_rank(getattr(schedule, "placement", "loop"), name)
 
 

@@ -82,9 +82,8 @@ class PartitionContext:
 
     def variant(self, **changes: Any) -> PartitionContext:
         """A copy with another stage count (and chunks per rank), micro-batch count, schedule, data-parallel size or
-        memory budget. What
-        was counted or measured for these layers and this sample input does not depend on those, so the copy
-        shares it instead of measuring again."""
+        memory budget. What was counted or measured for these layers and this sample input does not depend on those,
+        so the copy shares it instead of measuring again."""
         allowed = {"num_stages", "virtual_stages", "micro_batches", "schedule", "data_parallel_size", "memory_budget"}
         unknown = set(changes) - allowed
         if unknown:
