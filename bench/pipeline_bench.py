@@ -54,10 +54,10 @@ def release(engine) -> None:
     """Free a finished configuration's weights, gradients and optimizer state.
 
     Something in DeepSpeed keeps finished engines reachable, so without this every configuration of the job would
-    add its stage's parameters and Adam state to the resident memory of the next. On the last stage the loss and the
-    pipeline buffers hold autograd hooks bound to the engine (``_backward_prologue_per_tensor``), a cycle through
-    autograd's C++ objects that ``gc`` cannot break: dropping them lets that engine, its process groups and their
-    threads go (:func:`destroy_row_groups`).
+    add its stage's parameters and Adam state to the resident memory of the next. On the last stage the engine stayed
+    reachable even so, through autograd hooks bound to it (``_backward_prologue_per_tensor``) that ``gc`` does not
+    see through; dropping its loss and pipeline buffers lets that engine, its process groups and their threads go
+    (:func:`destroy_row_groups`).
     """
     optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)
     optimizer.state.clear()
